@@ -1,0 +1,26 @@
+# The project's two commands: `make demo` and `make test`. Both create/refresh .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.convmae-env-ok
+
+.PHONY: install test demo benchmark clean
+
+install: $(STAMP)
+
+# Re-run the (idempotent) set-up whenever what it installs may have changed.
+$(STAMP): setup.cfg pyproject.toml tools/setup_env.sh tools/install_mmcv.sh Makefile
+	bash tools/setup_env.sh $(PYTHON) $(VENV)
+	@touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) tools/demo.py
+
+benchmark: install
+	$(PY) tools/benchmark.py
+
+clean:
+	rm -rf $(VENV) work_dirs demo_output

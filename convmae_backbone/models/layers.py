@@ -1,0 +1,193 @@
+"""Building blocks of the ConvMAE encoder (ConvViT) and the MAE decoder.
+
+Parameter names follow the official ConvMAE code so released checkpoints load without conversion.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
+from torch import Tensor, nn
+
+
+def channels_last_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """Apply a LayerNorm over the channels of an NCHW map."""
+    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Strided conv -> LayerNorm (eps 1e-5) -> GELU: (B, C_in, H, W) -> (B, C, H/s, W/s)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(channels_last_norm(self.norm, self.proj(x)))
+
+
+class ConvBlock(nn.Module):
+    """ConvMAE stage-1/2 block: pre-norm, 1x1 conv, 5x5 depthwise conv (in place of attention), 1x1 conv, conv MLP.
+
+    With ``visible`` (B, 1, H, W) given, positions where it is 0 are zeroed right before the depthwise conv
+    (masked convolution), so visible positions never see masked content.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, kernel_size: int = 5):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.attn = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), use_conv=True)
+
+    def forward(self, x: Tensor, visible: Optional[Tensor] = None) -> Tensor:
+        y = self.conv1(channels_last_norm(self.norm1, x))
+        if visible is not None:
+            y = y * visible
+        x = x + self.drop_path(self.conv2(self.attn(y)))
+        return x + self.drop_path(self.mlp(channels_last_norm(self.norm2, x)))
+
+
+def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
+    """Look up a (2*size-1, C) relative-position table as (size, size, C) indexed [query, key].
+
+    A table learnt for another size is resized linearly first (as for windows of another size).
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode='linear').squeeze(0).t()
+    coords = torch.arange(size, device=rel_pos.device)
+    return rel_pos[coords[:, None] - coords[None, :] + size - 1]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional decomposed relative position bias (ViTDet style).
+
+    ``fused=True`` uses ``F.scaled_dot_product_attention``; ``fused=False`` is the explicit
+    softmax(QK^T)V formulation, kept as a reference for tests and benchmarks.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
+                 rel_pos_size: Tuple[int, int] = (14, 14)):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        self.fused = True
+        if use_rel_pos:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+
+    def rel_pos_bias(self, q: Tensor, hw: Tuple[int, int]) -> Tensor:
+        """q (B, heads, h*w, d) -> additive bias (B, heads, h*w, h*w)."""
+        h, w = hw
+        b, nh, _, d = q.shape
+        r_q = q.reshape(b, nh, h, w, d)
+        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r_q, relative_position_table(self.rel_pos_h, h))
+        rel_w = torch.einsum('bnhwc,wkc->bnhwk', r_q, relative_position_table(self.rel_pos_w, w))
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
+
+    def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None,
+                key_padding: Optional[Tensor] = None) -> Tensor:
+        """x (B, N, C); hw: the (h, w) token grid (needed for relative position bias);
+        key_padding (B, N) bool, True = padding token that no query may attend to."""
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = None
+        if self.use_rel_pos:
+            if hw is None:
+                raise ValueError('relative position bias needs the token grid (hw)')
+            bias = self.rel_pos_bias(q, hw)
+        if key_padding is not None:
+            pad = torch.zeros(key_padding.shape, dtype=q.dtype, device=q.device)
+            pad = pad.masked_fill(key_padding, float('-inf'))[:, None, None, :]
+            bias = pad if bias is None else bias + pad
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+def window_partition(x: Tensor, window: int) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
+    """(B, H, W, C) -> windows (B*nW, window*window, C), key padding (B*nW, window*window), padded (Hp, Wp)."""
+    b, h, w, c = x.shape
+    pad_h, pad_w = (-h) % window, (-w) % window
+    valid = torch.ones(1, h, w, 1, dtype=torch.bool, device=x.device)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        valid = F.pad(valid, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+
+    def split(t: Tensor) -> Tensor:
+        t = t.reshape(t.shape[0], hp // window, window, wp // window, window, t.shape[-1])
+        return t.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, t.shape[-1])
+
+    padding = None
+    if pad_h or pad_w:
+        padding = ~split(valid).squeeze(-1).repeat(b, 1)
+    return split(x), padding, (hp, wp)
+
+
+def window_unpartition(windows: Tensor, window: int, padded_hw: Tuple[int, int], hw: Tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`: (B*nW, window*window, C) -> (B, H, W, C)."""
+    hp, wp = padded_hw
+    c = windows.shape[-1]
+    x = windows.reshape(-1, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, hp, wp, c)[:, :hw[0], :hw[1]]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm ViT block (LayerNorm eps 1e-6) with optional window attention, relative position bias
+    and layer scale. Tokens are (B, N, C); ``hw`` gives their grid when they form one."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 window_size: int = 0, use_rel_pos: bool = False, rel_pos_size: Tuple[int, int] = (14, 14),
+                 layer_scale_init_value: float = 0.0):
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, use_rel_pos=use_rel_pos,
+                              rel_pos_size=(window_size, window_size) if window_size else rel_pos_size)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if layer_scale_init_value > 0:
+            self.gamma_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def _attend(self, x: Tensor, hw: Optional[Tuple[int, int]]) -> Tensor:
+        if not self.window_size:
+            return self.attn(x, hw)
+        if hw is None:
+            raise ValueError('window attention needs the token grid (hw)')
+        b, _, c = x.shape
+        windows, padding, padded_hw = window_partition(x.reshape(b, hw[0], hw[1], c), self.window_size)
+        windows = self.attn(windows, (self.window_size, self.window_size), padding)
+        return window_unpartition(windows, self.window_size, padded_hw, hw).reshape(b, -1, c)
+
+    def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None) -> Tensor:
+        y = self._attend(self.norm1(x), hw)
+        if self.gamma_1 is not None:
+            y = self.gamma_1 * y
+        x = x + self.drop_path(y)
+        y = self.mlp(self.norm2(x))
+        if self.gamma_2 is not None:
+            y = self.gamma_2 * y
+        return x + self.drop_path(y)

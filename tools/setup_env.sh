@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtual environment; idempotent (a second run takes seconds).
+#   1. torch: keep one the user already has (in the venv, or in the base Python, which the venv then sees);
+#      otherwise torch==2.14.1 torchvision==0.29.1.
+#   2. mmcv 2.1.0 built from source once and cached (tools/install_mmcv.sh).
+#   3. mmdet 3.3.0, mmsegmentation 1.2.2, the rest, and this package in editable mode, never replacing torch.
+# Usage: tools/setup_env.sh [PYTHON] [VENV]
+set -euo pipefail
+PYTHON=${1:-python3}
+VENV=${2:-.venv}
+cd "$(dirname "$0")/.."
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "[setup_env] $PYTHON already has torch $("$PYTHON" -c 'import torch; print(torch.__version__)'): keeping it"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip --disable-pip-version-check)
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup_env] installing torch 2.14.1 / torchvision 0.29.1"
+  "${PIP[@]}" install -q torch==2.14.1 torchvision==0.29.1
+fi
+TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+CONSTRAINTS="$VENV/convmae-constraints.txt"
+echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+if ! "$PY" -c "import torchvision" 2>/dev/null; then
+  "${PIP[@]}" install -q -c "$CONSTRAINTS" torchvision
+fi
+echo "[setup_env] torch $TORCH_VERSION"
+
+bash tools/install_mmcv.sh "$PY"
+
+echo "[setup_env] installing mmdet, mmsegmentation and convmae_backbone (editable)"
+"${PIP[@]}" install -q -c "$CONSTRAINTS" "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" \
+  -e ".[tests]" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import convmae_backbone, mmdet, mmseg, mmcv.ops; print('[setup_env] ready: mmcv', mmcv.__version__, \
+'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
