@@ -5,6 +5,7 @@ pretraining components in mmengine's registries.
 """
 from .models import ConvMAE, ConvMAEPretrainer, ConvViT  # noqa: I001  (models first: checkpoint uses them)
 from .checkpoint import CheckpointError, load_encoder_weights, register_safe_mmengine_loader, safe_torch_load
+from .optim import ConvMAELayerDecayOptimWrapperConstructor
 from .registry import register_all
 
 __version__ = '0.1.0'
@@ -13,4 +14,4 @@ register_all()
 register_safe_mmengine_loader()
 
 __all__ = ['ConvMAE', 'ConvMAEPretrainer', 'ConvViT', 'CheckpointError', 'load_encoder_weights',
-           'safe_torch_load', '__version__']
+           'safe_torch_load', 'ConvMAELayerDecayOptimWrapperConstructor', '__version__']

@@ -2,6 +2,7 @@
 import importlib
 
 from mmengine.registry import MODELS as ENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as ENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 
 
 def _register(registry, cls) -> None:
@@ -10,13 +11,17 @@ def _register(registry, cls) -> None:
 
 def register_all() -> None:
     """Register ``ConvMAE`` in mmengine's, mmdet's and mmseg's MODELS (where installed) and the pretrainer
-    in mmengine's MODELS. Safe to call more than once."""
+    in mmengine's MODELS; the layer-decay optimizer-wrapper constructor in all three OPTIM_WRAPPER_CONSTRUCTORS.
+    Safe to call more than once."""
     from .models import ConvMAE, ConvMAEPretrainer
+    from .optim import ConvMAELayerDecayOptimWrapperConstructor
     for cls in (ConvMAE, ConvMAEPretrainer):
         _register(ENGINE_MODELS, cls)
+    _register(ENGINE_OPTIM_WRAPPER_CONSTRUCTORS, ConvMAELayerDecayOptimWrapperConstructor)
     for scope in ('mmdet', 'mmseg'):
         try:
             registry = importlib.import_module(f'{scope}.registry')
         except ImportError:
             continue
         _register(registry.MODELS, ConvMAE)
+        _register(registry.OPTIM_WRAPPER_CONSTRUCTORS, ConvMAELayerDecayOptimWrapperConstructor)
