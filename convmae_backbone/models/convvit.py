@@ -8,7 +8,7 @@ from mmengine.model import BaseModule
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from .layers import ConvBlock, PatchEmbed, TransformerBlock
+from .layers import ConvBlock, PatchEmbed, TransformerBlock, VisibleGrid
 from .utils import PATCH, resize_pos_embed
 
 PATCH_SIZES = (4, 2, 2)
@@ -101,7 +101,8 @@ class ConvViT(BaseModule):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _block(self, blk: nn.Module, x: Tensor, *args) -> Tensor:
+    def _block(self, blk, x: Tensor, *args) -> Tensor:
+        """Run ``blk(x, *args)`` (a module or a bound method), checkpointed when ``with_cp`` and training."""
         if self.with_cp and self.training and x.requires_grad:
             return cp.checkpoint(blk, x, *args, use_reentrant=False)
         return blk(x, *args)
@@ -111,6 +112,17 @@ class ConvViT(BaseModule):
         x = (self.patch_embed1 if stage == 1 else self.patch_embed2)(x)
         for blk in (self.blocks1 if stage == 1 else self.blocks2):
             x = self._block(blk, x, visible)
+        return x
+
+    def conv_stage_sparse(self, stage: int, x: Tensor, grid: VisibleGrid) -> Tensor:
+        """Stage 1 or 2 on the visible positions of a block-wise mask (see :class:`VisibleGrid`).
+
+        Stage 1: visible 16x16 pixel patches (B, Lv, 16, 16, C_in) -> (B, Lv, 4, 4, C1);
+        stage 2: (B, Lv, 4, 4, C1) -> (B, Lv, 2, 2, C2). Equals :meth:`conv_stage` with the mask, at those positions.
+        """
+        x = (self.patch_embed1 if stage == 1 else self.patch_embed2).forward_blocks(x)
+        for blk in (self.blocks1 if stage == 1 else self.blocks2):
+            x = self._block(blk.forward_sparse, x, grid)
         return x
 
     def stage3_tokens(self, x: Tensor, pos_embed: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[int, int]]:

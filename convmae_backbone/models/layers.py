@@ -15,6 +15,64 @@ def channels_last_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+# ---------------------------------------------------------------------------------------------- sparse helpers
+# The sparse pretraining path keeps stage-1/2 features only for visible positions, channels last and grouped
+# per visible H/16 token: (B, Lv, S, S, C) with S = 4 at H/4, 2 at H/8, 1 at H/16. Convolutions whose kernel
+# equals their stride (patch embeddings, fusion convs, 1x1 convs) act on non-overlapping patches, so on this
+# layout they are a reshape plus a matrix product with the Conv2d weight.
+
+def split_blocks(x: Tensor, size: int) -> Tensor:
+    """(..., S, S, C) -> (..., S/size, S/size, size, size, C): non-overlapping size x size patches."""
+    *lead, s_h, s_w, c = x.shape
+    x = x.reshape(*lead, s_h // size, size, s_w // size, size, c)
+    n = len(lead)
+    return x.permute(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+
+
+def conv_as_linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A Conv2d with kernel == stride (and no padding, groups 1) on channels-last blocks.
+
+    x (..., S, S, C_in), S a multiple of the kernel k -> (..., S/k, S/k, C_out); identical to ``conv`` on the
+    corresponding NCHW map. The weight (C_out, C_in, k, k) is reordered to (C_out, k*k*C_in).
+    """
+    k = conv.kernel_size[0]
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    if k == 1:
+        return F.linear(x, weight, conv.bias)
+    return F.linear(split_blocks(x, k).flatten(-3), weight, conv.bias)
+
+
+class VisibleGrid:
+    """Where the visible tokens of a block-wise mask sit on the H/16 grid, to move stage-1/2 features between
+    the sparse layout (B, Lv, S, S, C) and a zero-filled dense channels-last map (B, h*S, w*S, C).
+
+    Args:
+        ids_keep: (B, Lv) raster indices of the visible H/16 tokens.
+        hw: the H/16 grid (h, w).
+    """
+
+    def __init__(self, ids_keep: Tensor, hw: Tuple[int, int]):
+        self.hw = tuple(hw)
+        self.batch = torch.arange(ids_keep.shape[0], device=ids_keep.device)[:, None].expand_as(ids_keep)
+        self.rows = torch.div(ids_keep, hw[1], rounding_mode='floor')
+        self.cols = ids_keep % hw[1]
+
+    def scatter(self, tokens: Tensor) -> Tensor:
+        """(B, Lv, S, S, C) -> (B, h*S, w*S, C) with zeros at masked positions."""
+        b, _, s, _, c = tokens.shape
+        h, w = self.hw
+        dense = tokens.new_zeros(b, h, s, w, s, c)
+        # advanced indices on dims 0, 1, 3 around a slice: the indexed view is (B, Lv, S, S, C)
+        dense[self.batch, self.rows, :, self.cols] = tokens
+        return dense.view(b, h * s, w * s, c)
+
+    def gather(self, dense: Tensor, size: int) -> Tensor:
+        """(B, h*S, w*S, C) channels-last map -> (B, Lv, S, S, C) at the visible tokens, S = ``size``."""
+        b, c = dense.shape[0], dense.shape[-1]
+        h, w = self.hw
+        return dense.reshape(b, h, size, w, size, c)[self.batch, self.rows, :, self.cols]
+
+
 class PatchEmbed(nn.Module):
     """Strided conv -> LayerNorm (eps 1e-5) -> GELU: (B, C_in, H, W) -> (B, C, H/s, W/s)."""
 
@@ -27,6 +85,10 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(channels_last_norm(self.norm, self.proj(x)))
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        """Channels-last blocks (..., S, S, C_in) -> (..., S/s, S/s, C); same values as :meth:`forward`."""
+        return self.act(self.norm(conv_as_linear(self.proj, x)))
 
 
 class ConvBlock(nn.Module):
@@ -52,6 +114,22 @@ class ConvBlock(nn.Module):
             y = y * visible
         x = x + self.drop_path(self.conv2(self.attn(y)))
         return x + self.drop_path(self.mlp(channels_last_norm(self.norm2, x)))
+
+    def forward_sparse(self, x: Tensor, grid: VisibleGrid) -> Tensor:
+        """The masked block on visible positions only: x (B, Lv, S, S, C) -> (B, Lv, S, S, C).
+
+        Everything but the depthwise conv is pointwise and runs on the visible positions; the depthwise conv
+        sees the zero-filled dense map, so the result equals :meth:`forward` with the mask at these positions.
+        """
+        y = conv_as_linear(self.conv1, self.norm1(x))
+        y = grid.scatter(y)                                   # (B, h*S, w*S, C), zeros where masked
+        y = self.attn(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # NCHW view of channels-last memory
+        y = grid.gather(y, x.shape[2])                        # (B, Lv, S, S, C)
+        x = x + self.drop_path(conv_as_linear(self.conv2, y))
+        mlp = self.mlp
+        y = mlp.drop1(mlp.act(conv_as_linear(mlp.fc1, self.norm2(x))))
+        y = mlp.drop2(conv_as_linear(mlp.fc2, mlp.norm(y)))
+        return x + self.drop_path(y)
 
 
 def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
