@@ -29,6 +29,8 @@ TRUSTED_GLOBALS = (
     'builtins.set',
     'builtins.frozenset',
     'builtins.slice',
+    'builtins.bytes',
+    'builtins.getattr',  # replaced by _restricted_getattr
     'torch.',
 )
 
@@ -56,6 +58,29 @@ def _resolve(name: str):
     raise ImportError(name)
 
 
+def _getattr_owners() -> tuple:
+    from mmengine.logging import HistoryBuffer
+    return (HistoryBuffer,)
+
+
+def _restricted_getattr(obj, name: str, *default):
+    """``getattr`` for unpickling: only public attributes of the allow-listed mmengine classes.
+
+    mmengine pickles a ``HistoryBuffer``'s statistics methods as ``getattr(buffer, 'mean')``.
+    """
+    owners = _getattr_owners()
+    if name.startswith('_') or not (obj in owners or isinstance(obj, owners)):
+        raise pickle.UnpicklingError(f'getattr({type(obj).__name__}, {name!r}) is not allowed in a checkpoint')
+    return getattr(obj, name, *default)
+
+
+def _numpy_dtype_classes() -> list:
+    """numpy's per-dtype classes, which the unpickler meets when it rebuilds a ``numpy.dtype``."""
+    import numpy as np
+    dtypes = getattr(np, 'dtypes', None)
+    return [getattr(dtypes, n) for n in dir(dtypes) if n.endswith('DType')] if dtypes else []
+
+
 def safe_torch_load(path: str, map_location='cpu') -> dict:
     """``torch.load(path, weights_only=True)`` that also accepts the allow-listed classes above.
 
@@ -75,7 +100,12 @@ def safe_torch_load(path: str, map_location='cpu') -> dict:
         if untrusted:
             raise CheckpointError(f'checkpoint file {path!r} references objects that are not loaded for safety: '
                                   f'{untrusted}')
+        if any(n.startswith('numpy.') for n in names):
+            extra.extend(_numpy_dtype_classes())
         for n in names:
+            if n == 'builtins.getattr':
+                extra.append((_restricted_getattr, n))
+                continue
             try:
                 extra.append(_resolve(n))
             except ImportError:
