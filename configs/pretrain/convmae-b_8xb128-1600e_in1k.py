@@ -1,0 +1,89 @@
+# ConvMAE-Base masked-autoencoder pretraining on ImageNet-1k, the paper recipe (MCMAE, NeurIPS 2022):
+# 1600 epochs, 8 GPUs x 128 images, mask ratio 0.75, normalised-pixel MSE loss, AdamW (0.9, 0.95), wd 0.05,
+# 40 warm-up epochs then cosine decay.
+#
+# Learning rate: blr 1.5e-4 scaled linearly by the total batch, lr = 1.5e-4 * 1024 / 256 = 6e-4 for
+# 8 x 128. With another total batch either set optim_wrapper.optimizer.lr yourself or pass --auto-scale-lr to
+# tools/pretrain.py (mmengine's auto_scale_lr rescales lr by real_batch / 1024).
+#
+#   python tools/pretrain.py configs/pretrain/convmae-b_8xb128-1600e_in1k.py \
+#       --cfg-options train_dataloader.dataset.data_root=/data/imagenet
+#   bash tools/dist_pretrain.sh configs/pretrain/convmae-b_8xb128-1600e_in1k.py 8
+#
+# The schedulers leave `end` unset, so they follow train_cfg.max_epochs (which must exceed the 40 warm-up
+# epochs).
+data_root = 'data/imagenet/'  # train/<class>/*.JPEG, or any (flat or nested) folder of images
+img_size = 224
+
+model = dict(
+    type='ConvMAEPretrainer',
+    img_size=img_size,
+    embed_dims=(256, 384, 768),
+    depths=(2, 2, 11),
+    num_heads=12,
+    mlp_ratios=(4, 4, 4),
+    drop_path_rate=0.0,
+    decoder_embed_dim=512,
+    decoder_depth=8,
+    decoder_num_heads=16,
+    mask_ratio=0.75,
+    norm_pix_loss=True,
+    loss_type='mse',
+    data_preprocessor=dict(
+        type='ImgDataPreprocessor',  # ImageNet mean/std on RGB uint8 inputs
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        bgr_to_rgb=False))
+
+train_pipeline = [
+    dict(type='LoadRGBImage'),  # any mode -> 8-bit RGB; unreadable files are skipped with a warning
+    dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
+    dict(type='MAERandomFlip', prob=0.5),
+    dict(type='PackMAEInputs'),
+]
+train_dataloader = dict(
+    batch_size=128,  # per GPU
+    num_workers=8,
+    persistent_workers=True,
+    pin_memory=True,
+    drop_last=True,
+    sampler=dict(type='DefaultSampler', shuffle=True),
+    collate_fn=dict(type='pseudo_collate'),
+    dataset=dict(type='ImageFolderDataset', data_root=data_root, subdir='train', pipeline=train_pipeline))
+
+optim_wrapper = dict(
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=1.5e-4 * 1024 / 256, betas=(0.9, 0.95), weight_decay=0.05),
+    # as in MAE: no weight decay on norms, biases (all 1-D parameters), position embeddings and the mask token
+    paramwise_cfg=dict(
+        flat_decay_mult=0.0,
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        custom_keys={'pos_embed': dict(decay_mult=0.0), 'mask_token': dict(decay_mult=0.0)}))
+auto_scale_lr = dict(enable=False, base_batch_size=1024)
+
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-4, by_epoch=True, begin=0, end=40, convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=0.0, by_epoch=True, begin=40, convert_to_iter_based=True),
+]
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1600)
+
+default_scope = 'mmengine'
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=100),
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    checkpoint=dict(type='AtomicCheckpointHook', interval=20, max_keep_ckpts=3),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+)
+custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='EpochSeedHook')]
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'))
+log_processor = dict(window_size=10, by_epoch=True)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0, deterministic=False)

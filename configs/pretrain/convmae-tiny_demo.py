@@ -1,0 +1,42 @@
+# A small ConvMAE pretrained for a few minutes on CPU on views of the photographs shipped with scikit-image
+# (written by tools/demo.py, or convmae_backbone.data.write_demo_images). Same recipe as the base config,
+# scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 30 epochs.
+_base_ = ['./convmae-b_8xb128-1600e_in1k.py']
+
+data_root = 'demo_output/images/'
+img_size = 64
+
+model = dict(
+    img_size=img_size,
+    embed_dims=(32, 64, 128),
+    depths=(1, 1, 3),
+    num_heads=4,
+    mlp_ratios=(4, 4, 4),
+    decoder_embed_dim=96,
+    decoder_depth=2,
+    decoder_num_heads=4)
+
+train_pipeline = [
+    dict(type='LoadRGBImage'),
+    dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
+    dict(type='MAERandomFlip', prob=0.5),
+    dict(type='PackMAEInputs'),
+]
+train_dataloader = dict(
+    batch_size=32,
+    num_workers=0,
+    persistent_workers=False,
+    pin_memory=False,
+    dataset=dict(data_root=data_root, pipeline=train_pipeline))
+
+optim_wrapper = dict(optimizer=dict(lr=2e-3))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, begin=0, end=2, convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=2, convert_to_iter_based=True),
+]
+train_cfg = dict(max_epochs=30)
+default_hooks = dict(
+    logger=dict(interval=5),
+    checkpoint=dict(interval=10, max_keep_ckpts=1))
+env_cfg = dict(dist_cfg=dict(backend='gloo'))
+log_processor = dict(window_size=5)

@@ -1,0 +1,180 @@
+"""Image-folder dataset and the MAE pretraining pipeline (RandomResizedCrop + flip), for mmengine.
+
+The pipeline yields ``dict(inputs=uint8 tensor (3, H, W), data_samples=None)``; normalisation (ImageNet mean
+and std, RGB) is done by the model's ``ImgDataPreprocessor``. Unreadable files (truncated, corrupt or not an
+image at all) never stop a run: the loader returns ``None`` with a warning naming the file, and mmengine's
+``BaseDataset`` fetches another index instead.
+"""
+import logging
+import os
+import os.path as osp
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from mmengine.dataset import BaseDataset
+from mmengine.logging import print_log
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def list_images(root: str) -> List[str]:
+    """All image files below ``root`` (recursive, extension match is case-insensitive), sorted."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files.extend(osp.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
+    return files
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Convert any PIL image (grayscale, RGBA, palette, CMYK, 16-bit or float grayscale) to 8-bit RGB."""
+    if img.mode == 'RGB':
+        return img
+    if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith('I;16') or (img.mode == 'I' and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode='L')
+    elif img.mode in ('P', 'PA'):
+        img = img.convert('RGBA')
+    return img.convert('RGB')
+
+
+class LoadRGBImage:
+    """Read ``results['img_path']`` as an 8-bit RGB PIL image into ``results['img']``.
+
+    Returns ``None`` (the sample is skipped and another one is drawn) for a file that cannot be decoded,
+    with a warning naming the file and the number of files skipped so far by this process.
+    """
+
+    skipped = 0
+
+    def __call__(self, results: dict) -> Optional[dict]:
+        path = results['img_path']
+        try:
+            with Image.open(path) as img:
+                img.load()  # decode now so truncated files fail here
+                results['img'] = to_rgb8(img)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means: skip this file
+            LoadRGBImage.skipped += 1
+            print_log(f'skipped unreadable image {path!r} ({type(exc).__name__}: {exc}); '
+                      f'{LoadRGBImage.skipped} file(s) skipped so far', logger='current', level=logging.WARNING)
+            return None
+        results['ori_shape'] = results['img'].size[::-1]
+        return results
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}()'
+
+
+class MAERandomResizedCrop:
+    """RandomResizedCrop of a PIL image (torchvision parameters, bicubic by default) to ``size``.
+
+    Small images are upsampled, as in torchvision.
+    """
+
+    def __init__(self, size=224, scale: Sequence[float] = (0.2, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), interpolation: str = 'bicubic'):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.interpolation = InterpolationMode(interpolation)
+
+    def __call__(self, results: dict) -> dict:
+        img = results['img']
+        i, j, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        results['img'] = TF.resized_crop(img, i, j, h, w, list(self.size), self.interpolation)
+        results['crop_box'] = (i, j, h, w)
+        return results
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})'
+
+
+class MAERandomFlip:
+    """Horizontal flip of a PIL image with probability ``prob`` (torch's global RNG)."""
+
+    def __init__(self, prob: float = 0.5):
+        self.prob = prob
+
+    def __call__(self, results: dict) -> dict:
+        flip = bool(torch.rand(1).item() < self.prob)
+        if flip:
+            results['img'] = TF.hflip(results['img'])
+        results['flip'] = flip
+        return results
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(prob={self.prob})'
+
+
+class PackMAEInputs:
+    """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W), data_samples=None)``."""
+
+    def __call__(self, results: dict) -> dict:
+        arr = np.asarray(results['img'], dtype=np.uint8)  # (H, W, 3)
+        return dict(inputs=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), data_samples=None)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}()'
+
+
+class ImageFolderDataset(BaseDataset):
+    """Every image below ``data_root/subdir`` (when that folder exists) or else below ``data_root``, recursively.
+
+    Works for ImageNet-style ``train/<class>/*.JPEG`` trees and for flat folders; labels are not used.
+    A missing or empty folder raises ``FileNotFoundError`` naming the path when the dataset is built.
+    """
+
+    def __init__(self, data_root: str = '', subdir: Optional[str] = 'train', pipeline: Sequence = (),
+                 max_refetch: int = 1000, **kwargs):
+        self.subdir = subdir
+        super().__init__(data_root=data_root, pipeline=list(pipeline), max_refetch=max_refetch, **kwargs)
+
+    @property
+    def image_dir(self) -> str:
+        root = self.data_root or ''
+        if self.subdir and osp.isdir(osp.join(root, self.subdir)):
+            return osp.join(root, self.subdir)
+        return root
+
+    def load_data_list(self) -> List[dict]:
+        root = self.image_dir
+        if not root or not osp.isdir(root):
+            raise FileNotFoundError(f'image folder {root!r} does not exist (set train_dataloader.dataset.'
+                                    f'data_root to a folder of images)')
+        files = list_images(root)
+        if not files:
+            raise FileNotFoundError(f'image folder {root!r} holds no images with extensions {IMG_EXTENSIONS}')
+        print_log(f'ImageFolderDataset: {len(files)} images under {root}', logger='current')
+        return [dict(img_path=f) for f in files]
+
+
+# Photographs shipped inside scikit-image (no download needed).
+DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'coins', 'moon', 'immunohistochemistry',
+               'hubble_deep_field', 'retina', 'clock', 'brick', 'grass', 'gravel')
+
+
+def write_demo_images(out_dir: str, views_per_photo: int = 40, size: int = 128, seed: int = 0) -> int:
+    """Write ``views_per_photo`` random square crops (``size`` pixels, JPEG) of each scikit-image sample photo
+    into ``out_dir/train/<photo>/``; grayscale photos stay grayscale. Returns the number of files written."""
+    from skimage import data as skdata  # optional dependency, only for the demo
+    rng = np.random.default_rng(seed)
+    count = 0
+    for name in DEMO_PHOTOS:
+        photo = Image.fromarray(getattr(skdata, name)())
+        folder = osp.join(out_dir, 'train', name)
+        os.makedirs(folder, exist_ok=True)
+        w, h = photo.size
+        for k in range(views_per_photo):
+            side = int(min(w, h) * rng.uniform(0.35, 1.0))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            view = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+            view.save(osp.join(folder, f'{name}_{k:03d}.jpg'), quality=92)
+            count += 1
+    return count
