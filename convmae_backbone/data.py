@@ -1,6 +1,6 @@
 """Image-folder dataset and the MAE pretraining pipeline (RandomResizedCrop + flip), for mmengine.
 
-The pipeline yields ``dict(inputs=uint8 tensor (3, H, W), data_samples=None)``; normalisation (ImageNet mean
+The pipeline yields ``dict(inputs=uint8 tensor (3, H, W))``; normalisation (ImageNet mean
 and std, RGB) is done by the model's ``ImgDataPreprocessor``. Unreadable files (truncated, corrupt or not an
 image at all) never stop a run: the loader returns ``None`` with a warning naming the file, and mmengine's
 ``BaseDataset`` fetches another index instead.
@@ -49,22 +49,29 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 class LoadRGBImage:
     """Read ``results['img_path']`` as an 8-bit RGB PIL image into ``results['img']``.
 
-    Returns ``None`` (the sample is skipped and another one is drawn) for a file that cannot be decoded,
-    with a warning naming the file and the number of files skipped so far by this process.
+    Returns ``None`` (mmengine's ``BaseDataset`` then draws another index) for a file that cannot be decoded,
+    with one warning per bad file naming it and the number of bad files found so far by this process.
     """
 
-    skipped = 0
+    bad_files: set = set()  # per process
+
+    @classmethod
+    def num_skipped(cls) -> int:
+        return len(cls.bad_files)
 
     def __call__(self, results: dict) -> Optional[dict]:
         path = results['img_path']
+        if path in LoadRGBImage.bad_files:
+            return None
         try:
             with Image.open(path) as img:
                 img.load()  # decode now so truncated files fail here
                 results['img'] = to_rgb8(img)
         except Exception as exc:  # noqa: BLE001 - any decoding failure means: skip this file
-            LoadRGBImage.skipped += 1
+            LoadRGBImage.bad_files.add(path)
             print_log(f'skipped unreadable image {path!r} ({type(exc).__name__}: {exc}); '
-                      f'{LoadRGBImage.skipped} file(s) skipped so far', logger='current', level=logging.WARNING)
+                      f'{len(LoadRGBImage.bad_files)} bad file(s) skipped so far', logger='current',
+                      level=logging.WARNING)
             return None
         results['ori_shape'] = results['img'].size[::-1]
         return results
@@ -114,11 +121,11 @@ class MAERandomFlip:
 
 
 class PackMAEInputs:
-    """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W), data_samples=None)``."""
+    """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W))`` (no data samples: MAE needs no labels)."""
 
     def __call__(self, results: dict) -> dict:
         arr = np.asarray(results['img'], dtype=np.uint8)  # (H, W, 3)
-        return dict(inputs=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous(), data_samples=None)
+        return dict(inputs=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}()'
