@@ -147,9 +147,14 @@ def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
 class Attention(nn.Module):
     """Multi-head self-attention with optional decomposed relative position bias (ViTDet style).
 
-    ``fused=True`` uses ``F.scaled_dot_product_attention``; ``fused=False`` is the explicit
-    softmax(QK^T)V formulation, kept as a reference for tests and benchmarks.
+    ``fused=True`` uses ``F.scaled_dot_product_attention``, which never forms the (N, N) attention matrix.
+    The relative position bias (and key padding) enters it as an additive mask; so that the mask does not grow
+    to the size of the attention matrix either, queries are processed in chunks of whole grid rows whenever the
+    mask would exceed ``max_bias_numel`` elements (each query row is independent, the result is the same).
+    ``fused=False`` is the explicit softmax(QK^T)V formulation, kept as a reference for tests and benchmarks.
     """
+
+    max_bias_numel = 1 << 24  # 64 MiB of float32 mask per chunk
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
                  rel_pos_size: Tuple[int, int] = (14, 14)):
@@ -167,14 +172,24 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
 
-    def rel_pos_bias(self, q: Tensor, hw: Tuple[int, int]) -> Tensor:
-        """q (B, heads, h*w, d) -> additive bias (B, heads, h*w, h*w)."""
+    def rel_pos_bias(self, q: Tensor, hw: Tuple[int, int], row_start: int = 0) -> Tensor:
+        """Queries of grid rows ``row_start ..`` q (B, heads, rows*w, d) -> additive bias (B, heads, rows*w, h*w)."""
         h, w = hw
-        b, nh, _, d = q.shape
-        r_q = q.reshape(b, nh, h, w, d)
-        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r_q, relative_position_table(self.rel_pos_h, h))
+        b, nh, n, d = q.shape
+        rows = n // w
+        r_q = q.reshape(b, nh, rows, w, d)
+        table_h = relative_position_table(self.rel_pos_h, h)[row_start:row_start + rows]  # (rows, h, d)
+        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r_q, table_h)
         rel_w = torch.einsum('bnhwc,wkc->bnhwk', r_q, relative_position_table(self.rel_pos_w, w))
-        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, h * w, h * w)
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, n, h * w)
+
+    def _mask(self, q: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor], row_start: int = 0
+              ) -> Optional[Tensor]:
+        """Additive attention mask for the queries ``q``: relative position bias plus key padding (-inf)."""
+        bias = self.rel_pos_bias(q, hw, row_start) if self.use_rel_pos else None
+        if pad is None:
+            return bias
+        return pad if bias is None else bias + pad
 
     def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None,
                 key_padding: Optional[Tensor] = None) -> Tensor:
@@ -182,23 +197,35 @@ class Attention(nn.Module):
         key_padding (B, N) bool, True = padding token that no query may attend to."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = None
-        if self.use_rel_pos:
-            if hw is None:
-                raise ValueError('relative position bias needs the token grid (hw)')
-            bias = self.rel_pos_bias(q, hw)
+        if self.use_rel_pos and hw is None:
+            raise ValueError('relative position bias needs the token grid (hw)')
+        pad = None
         if key_padding is not None:
             pad = torch.zeros(key_padding.shape, dtype=q.dtype, device=q.device)
-            pad = pad.masked_fill(key_padding, float('-inf'))[:, None, None, :]
-            bias = pad if bias is None else bias + pad
+            pad = pad.masked_fill(key_padding, float('-inf'))[:, None, None, :]  # (B, 1, 1, N)
         if self.fused:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+            x = self._fused(q, k, v, hw, pad)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                attn = attn + bias
+            mask = self._mask(q, hw, pad)
+            if mask is not None:
+                attn = attn + mask
             x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+    def _fused(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor]
+               ) -> Tensor:
+        """SDPA over (B, heads, N, d) q, k, v; query chunks of whole grid rows when the mask would be large."""
+        b, nh, n, _ = q.shape
+        if not self.use_rel_pos or b * nh * n * n <= self.max_bias_numel:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(q, hw, pad))
+        w = hw[1]
+        rows = max(1, self.max_bias_numel // (b * nh * w * n))
+        outs = []
+        for r in range(0, hw[0], rows):
+            q_chunk = q[:, :, r * w:(r + rows) * w]
+            outs.append(F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=self._mask(q_chunk, hw, pad, r)))
+        return torch.cat(outs, dim=2)
 
 
 def window_partition(x: Tensor, window: int) -> Tuple[Tensor, Tensor, Tuple[int, int]]:
