@@ -1,0 +1,142 @@
+"""Training reliability: kill -9 and --resume reproduce an uninterrupted run exactly; a non-finite loss stops
+the run before a bad checkpoint is written; a crash while saving never damages the latest checkpoint."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from convmae_backbone.checkpoint import safe_torch_load
+from convmae_backbone.engine import atomic_write
+from convmae_backbone.models import ConvMAEPretrainer
+from test_pretrain_runner import ROOT, load_tool, make_images, write_tiny_config
+
+PRETRAIN = str(ROOT / 'tools' / 'pretrain.py')
+
+
+def run_pretrain(args, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
+    return subprocess.Popen([sys.executable, PRETRAIN, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    max_epochs = 8
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=max_epochs)
+    ref, killed = tmp_path / 'ref', tmp_path / 'killed'
+    finish(run_pretrain([cfg, '--work-dir', ref]))
+
+    proc = run_pretrain([cfg, '--work-dir', killed])
+    deadline = time.time() + 240
+    while not (killed / 'epoch_2.pth').exists():
+        assert proc.poll() is None, 'the run ended before it could be killed'
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = (killed / 'last_checkpoint').read_text().strip()
+    assert not (killed / f'epoch_{max_epochs}.pth').exists(), 'killed too late to test anything'
+
+    out = finish(run_pretrain([cfg, '--work-dir', killed, '--resume']))
+    assert f'Load checkpoint from {resumed_from}' in out and 'resumed epoch' in out
+
+    final_ref = safe_torch_load(ref / f'epoch_{max_epochs}.pth')
+    final = safe_torch_load(killed / f'epoch_{max_epochs}.pth')
+    assert final['meta']['iter'] == final_ref['meta']['iter'] == 2 * max_epochs
+    for key, value in final_ref['state_dict'].items():
+        assert torch.equal(final['state_dict'][key], value), key
+    first = safe_torch_load(ref / 'epoch_1.pth')['state_dict']
+    assert not torch.equal(first['decoder_pred.weight'], final_ref['state_dict']['decoder_pred.weight'])
+    opt_ref, opt = final_ref['optimizer']['state'], final['optimizer']['state']
+    assert all(torch.equal(opt[k]['exp_avg'], opt_ref[k]['exp_avg']) for k in opt_ref)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    pretrain = load_tool('pretrain')
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=3)
+    work = tmp_path / 'work'
+    original, calls = ConvMAEPretrainer.forward, []
+
+    def forward(self, inputs, data_samples=None, mode='tensor'):
+        out = original(self, inputs, data_samples, mode)
+        calls.append(mode)
+        if mode == 'loss' and len(calls) == 3:  # the third training iteration, first of epoch 2
+            out['loss'] = out['loss'] * float('nan')
+        return out
+
+    monkeypatch.setattr(ConvMAEPretrainer, 'forward', forward)
+    with pytest.raises(FloatingPointError, match=r'non-finite loss \(nan\) at iteration 3 .*epoch_1\.pth'):
+        pretrain.main([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=nan_stop'])
+    assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
+    assert not (work / 'epoch_2.pth').exists()
+    state = safe_torch_load(work / 'epoch_1.pth')['state_dict']
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path):
+    target = tmp_path / 'ckpt.pth'
+    target.write_bytes(b'old complete content')
+
+    def crash(f):
+        f.write(b'partial')
+        raise OSError('disk full')
+
+    with pytest.raises(OSError, match='disk full'):
+        atomic_write(target, crash)
+    assert target.read_bytes() == b'old complete content'
+    assert os.listdir(tmp_path) == ['ckpt.pth']  # no temporary file left behind
+    atomic_write(target, lambda f: f.write(b'new'))
+    assert target.read_bytes() == b'new'
+
+
+@pytest.mark.parametrize('crash_point', ['torch.save', 'fsync'])
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_point):
+    pretrain = load_tool('pretrain')
+    # max_keep_ckpts=1: mmengine's own CheckpointHook would delete epoch_1.pth before writing epoch_2.pth
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=2,
+                            extra="default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=1))\n")
+    work = tmp_path / 'work'
+    saves = []
+    if crash_point == 'torch.save':
+        real_save = torch.save
+
+        def fake_save(obj, f, *args, **kwargs):
+            saves.append(1)
+            if len(saves) == 2 and isinstance(obj, dict) and 'state_dict' in obj:
+                f.write(b'PK\x03\x04 partial checkpoint bytes')
+                raise OSError('simulated crash while saving')
+            return real_save(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, 'save', fake_save)
+    else:
+        real_fsync = os.fsync
+
+        def fake_fsync(fd):
+            saves.append(1)
+            if len(saves) == 3:  # epoch_1.pth, last_checkpoint, then epoch_2.pth
+                raise OSError('simulated crash while saving')
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, 'fsync', fake_fsync)
+    with pytest.raises(OSError, match='simulated crash'):
+        pretrain.main([str(cfg), '--work-dir', str(work), '--cfg-options', f'experiment_name=crash_{crash_point}'])
+    monkeypatch.undo()
+    assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
+    assert not (work / 'epoch_2.pth').exists()
+    assert not [p for p in os.listdir(work) if p.endswith('.tmp')]
+    assert safe_torch_load(work / 'epoch_1.pth')['meta']['epoch'] == 1
+    runner = pretrain.main([str(cfg), '--work-dir', str(work), '--resume', '--cfg-options',
+                            f'experiment_name=crash_{crash_point}_resume'])
+    assert runner.iter == 4 and safe_torch_load(work / 'epoch_2.pth')['meta']['epoch'] == 2
+    assert not (work / 'epoch_1.pth').exists()  # max_keep_ckpts=1, removed after epoch_2.pth was complete
