@@ -1,0 +1,81 @@
+# Mask R-CNN + FPN with a ConvMAE-Base backbone on COCO, following the ConvMAE (MCMAE) detection recipe:
+# large-scale jitter at 1024x1024 (scale 0.1-2.0), stage 3 with 16x16 window attention except the global
+# blocks 0, 3, 6 and 10, decomposed relative position bias, SyncBN in the FPN and the heads, a 2-conv RPN
+# head and a 4conv1fc box head, AdamW (lr 8e-5, wd 0.1; no decay on position embeddings, relative-position
+# tables and norms), linear warm-up + cosine decay, mixed precision, 25 epochs at a total batch of 32.
+#
+# Train on 8 GPUs x 4 images:
+#   bash tools/dist_train.sh configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py 8 \
+#       --cfg-options model.backbone.init_cfg.checkpoint=/path/to/convmae_base_pretrain.pth
+# `model.backbone.init_cfg.checkpoint` overrides `pretrained` below; any checkpoint format the ConvMAE
+# backbone reads works (official {'model': ...}, this project's pretraining checkpoints, plain state dicts).
+_base_ = [
+    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
+    'mmdet::common/lsj-100e_coco-instance.py',
+]
+custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
+
+pretrained = 'work_dirs/convmae-b_pretrain/backbone.pth'  # ConvMAE-Base pretraining weights
+image_size = (1024, 1024)
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+batch_augments = [dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]
+
+model = dict(
+    data_preprocessor=dict(pad_size_divisor=32, batch_augments=batch_augments),
+    backbone=dict(
+        _delete_=True,
+        type='ConvMAE',
+        img_size=224,  # the pretraining grid; the position embedding is resized to the input
+        embed_dims=(256, 384, 768),
+        depths=(2, 2, 11),
+        num_heads=12,
+        mlp_ratios=(4, 4, 4),
+        drop_path_rate=0.1,
+        window_size=16,
+        global_attn_indexes=(0, 3, 6, 10),
+        use_rel_pos_bias=True,
+        out_indices=(0, 1, 2, 3),
+        with_cp=False,  # True trades compute for memory at 1024x1024
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[256, 384, 768, 768], out_channels=256, num_outs=5, norm_cfg=norm_cfg),
+    rpn_head=dict(num_convs=2),
+    roi_head=dict(
+        bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256, norm_cfg=norm_cfg),
+        mask_head=dict(norm_cfg=norm_cfg)))
+
+# Test at the training scale: longer side 1024.
+test_pipeline = [
+    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
+    dict(type='Resize', scale=image_size, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+# 8 GPUs x 4 images; the base's RepeatDataset is kept with times=1, so an epoch is one pass over COCO.
+train_dataloader = dict(batch_size=4, num_workers=4, dataset=dict(times=1))
+val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
+test_dataloader = val_dataloader
+
+max_epochs = 25
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs, val_interval=5)
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='AmpOptimWrapper',
+    optimizer=dict(type='AdamW', lr=8e-5, betas=(0.9, 0.999), weight_decay=0.1),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        custom_keys={
+            'pos_embed': dict(decay_mult=0.0),
+            'rel_pos_h': dict(decay_mult=0.0),
+            'rel_pos_w': dict(decay_mult=0.0),
+        }))
+
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1000),
+    dict(type='CosineAnnealingLR', eta_min=0.0, by_epoch=True, begin=0, end=max_epochs,
+         convert_to_iter_based=True),
+]
+
+default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3))
+# lr 8e-5 is for a total batch of 32; `--auto-scale-lr` rescales it for other batch sizes.
+auto_scale_lr = dict(enable=False, base_batch_size=32)

@@ -1,0 +1,172 @@
+"""The full downstream configs: the recipe they encode, and that they build ConvMAE-Base models that run."""
+import copy
+import os.path as osp
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
+
+import convmae_backbone  # noqa: F401
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+DET_CONFIG = osp.join(REPO, 'configs', 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
+SEG_CONFIG = osp.join(REPO, 'configs', 'mmseg', 'upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
+
+
+def _sync_bn_to_bn(node):
+    """Replace SyncBN by BN everywhere in a config (SyncBN needs a process group to be meaningful)."""
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+        for value in node.values():
+            _sync_bn_to_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            _sync_bn_to_bn(value)
+    return node
+
+
+def _transform(pipeline, type_name):
+    return next(t for t in pipeline if t['type'] == type_name)
+
+
+# ------------------------------------------------------------------------------------------ detection
+@pytest.fixture(scope='module')
+def det_cfg():
+    return Config.fromfile(DET_CONFIG)
+
+
+@pytest.fixture(scope='module')
+def detector(det_cfg):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(det_cfg.model)))
+    return model.eval()
+
+
+def test_det_config_recipe(det_cfg):
+    assert det_cfg.default_scope == 'mmdet'
+    assert det_cfg.custom_imports.imports == ['convmae_backbone']
+    bb = det_cfg.model.backbone
+    assert bb.type == 'ConvMAE' and bb.img_size == 224
+    assert (tuple(bb.embed_dims), tuple(bb.depths), bb.num_heads) == ((256, 384, 768), (2, 2, 11), 12)
+    assert bb.window_size == 16 and tuple(bb.global_attn_indexes) == (0, 3, 6, 10)
+    assert bb.use_rel_pos_bias and bb.drop_path_rate == 0.1 and tuple(bb.out_indices) == (0, 1, 2, 3)
+    assert bb.init_cfg == dict(type='Pretrained', checkpoint=det_cfg.pretrained)
+    assert 'depth' not in bb and 'norm_eval' not in bb  # the ResNet settings of the base are gone
+    neck, roi = det_cfg.model.neck, det_cfg.model.roi_head
+    assert neck.in_channels == [256, 384, 768, 768] and neck.num_outs == 5
+    assert neck.norm_cfg.type == roi.bbox_head.norm_cfg.type == roi.mask_head.norm_cfg.type == 'SyncBN'
+    assert det_cfg.model.rpn_head.num_convs == 2
+    assert roi.bbox_head.type == 'Shared4Conv1FCBBoxHead'
+    assert det_cfg.model.data_preprocessor.batch_augments[0].size == (1024, 1024)
+
+    train_pipeline = det_cfg.train_dataloader.dataset.dataset.pipeline
+    resize = _transform(train_pipeline, 'RandomResize')
+    assert resize.scale == (1024, 1024) and resize.ratio_range == (0.1, 2.0)
+    assert _transform(train_pipeline, 'RandomCrop').crop_size == (1024, 1024)
+    assert det_cfg.train_dataloader.dataset.times == 1
+
+    ow = det_cfg.optim_wrapper
+    assert ow.type == 'AmpOptimWrapper'
+    assert ow.optimizer == dict(type='AdamW', lr=8e-5, betas=(0.9, 0.999), weight_decay=0.1)
+    warmup, cosine = det_cfg.param_scheduler
+    assert warmup.type == 'LinearLR' and cosine.type == 'CosineAnnealingLR' and cosine.end == 25
+    assert det_cfg.train_cfg.max_epochs == 25
+    assert det_cfg.train_dataloader.batch_size * 8 == det_cfg.auto_scale_lr.base_batch_size == 32
+
+
+def test_det_checkpoint_override(det_cfg):
+    cfg = Config.fromfile(DET_CONFIG)
+    cfg.merge_from_dict({'model.backbone.init_cfg.checkpoint': '/weights/convmae.pth'})
+    assert cfg.model.backbone.init_cfg.checkpoint == '/weights/convmae.pth'
+    assert det_cfg.model.backbone.init_cfg.checkpoint == 'work_dirs/convmae-b_pretrain/backbone.pth'
+
+
+def test_detector_features_and_prediction(detector):
+    from mmdet.structures import DetDataSample
+    assert type(detector.backbone).__name__ == 'ConvMAE'
+    assert len(detector.backbone.blocks3) == 11
+    assert sum(b.attn.use_rel_pos for b in detector.backbone.blocks3) == 11
+    x = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        maps = detector.backbone(x)
+        feats = detector.extract_feat(x)
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 32, 24), (1, 384, 16, 12), (1, 768, 8, 6), (1, 768, 4, 3)]
+    assert [tuple(f.shape) for f in feats] == [(1, 256, 32, 24), (1, 256, 16, 12), (1, 256, 8, 6),
+                                                (1, 256, 4, 3), (1, 256, 2, 2)]
+    sample = DetDataSample(metainfo=dict(img_shape=(128, 96), ori_shape=(128, 96), scale_factor=(1.0, 1.0),
+                                         pad_shape=(128, 96), batch_input_shape=(128, 96)))
+    with torch.no_grad():
+        result = detector.predict(x, [sample])[0]
+    inst = result.pred_instances
+    assert inst.bboxes.shape[1] == 4 and len(inst.bboxes) == len(inst.scores) == len(inst.masks)
+    assert len(inst.bboxes) <= 100
+    if len(inst.bboxes):
+        assert float(inst.bboxes[:, 2].max()) <= 96 + 1e-3 and tuple(inst.masks.shape[1:]) == (128, 96)
+
+
+def test_det_weight_decay_groups(det_cfg, detector):
+    optim_cfg = det_cfg.optim_wrapper.copy()
+    optim_cfg.type = 'OptimWrapper'
+    optim_wrapper = build_optim_wrapper(detector, optim_cfg)
+    ids = {id(p): n for n, p in detector.named_parameters()}
+    wd = {ids[id(p)]: g['weight_decay'] for g in optim_wrapper.optimizer.param_groups for p in g['params']}
+    assert len(wd) == len(ids)
+    for name in ('backbone.pos_embed', 'backbone.blocks3.1.attn.rel_pos_h', 'backbone.blocks3.1.attn.rel_pos_w',
+                 'backbone.blocks3.1.norm1.weight', 'backbone.patch_embed2.norm.weight',
+                 'backbone.blocks1.0.norm2.bias', 'neck.fpn_convs.0.bn.weight',
+                 'roi_head.bbox_head.shared_convs.0.bn.weight'):
+        assert wd[name] == 0.0, name
+    for name in ('backbone.blocks3.1.attn.qkv.weight', 'backbone.patch_embed1.proj.weight',
+                 'neck.lateral_convs.0.conv.weight', 'rpn_head.rpn_conv.0.conv.weight',
+                 'roi_head.bbox_head.fc_cls.weight'):
+        assert wd[name] == 0.1, name
+
+
+# --------------------------------------------------------------------------------------- segmentation
+@pytest.fixture(scope='module')
+def seg_cfg():
+    return Config.fromfile(SEG_CONFIG)
+
+
+def test_seg_config_recipe(seg_cfg):
+    assert seg_cfg.default_scope == 'mmseg'
+    assert seg_cfg.custom_imports.imports == ['convmae_backbone']
+    bb = seg_cfg.model.backbone
+    assert bb.type == 'ConvMAE' and bb.img_size == 224 and tuple(bb.depths) == (2, 2, 11)
+    assert bb.use_rel_pos_bias and bb.layer_scale_init_value == 1.0 and bb.drop_path_rate == 0.2
+    assert tuple(bb.out_indices) == (0, 1, 2, 3) and bb.init_cfg.checkpoint == seg_cfg.pretrained
+    assert seg_cfg.model.pretrained is None and 'depth' not in bb
+    assert seg_cfg.model.decode_head.type == 'UPerHead'
+    assert seg_cfg.model.decode_head.in_channels == [256, 384, 768, 768]
+    assert seg_cfg.model.auxiliary_head.type == 'FCNHead' and seg_cfg.model.auxiliary_head.in_index == 2
+    assert seg_cfg.model.decode_head.num_classes == seg_cfg.model.auxiliary_head.num_classes == 150
+    assert seg_cfg.model.test_cfg == dict(mode='slide', crop_size=(512, 512), stride=(341, 341))
+    assert _transform(seg_cfg.train_dataloader.dataset.pipeline, 'RandomCrop').crop_size == (512, 512)
+    assert seg_cfg.train_dataloader.batch_size * 8 == 16
+
+    ow = seg_cfg.optim_wrapper
+    assert ow.type == 'AmpOptimWrapper' and ow.constructor == 'ConvMAELayerDecayOptimWrapperConstructor'
+    assert ow.optimizer == dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05)
+    assert ow.paramwise_cfg == dict(num_layers=11, layer_decay_rate=0.75)
+    warmup, poly = seg_cfg.param_scheduler
+    assert (warmup.type, warmup.end, poly.type, poly.begin, poly.end) == ('LinearLR', 1500, 'PolyLR', 1500, 160000)
+    assert seg_cfg.train_cfg.max_iters == 160000
+
+
+def test_segmentor_forward(seg_cfg):
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+    register_all_modules(init_default_scope=True)
+    model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(seg_cfg.model))).eval()
+    assert all(b.gamma_1 is not None and b.attn.use_rel_pos for b in model.backbone.blocks3)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        maps = model.backbone(x)
+        logits = model(x, mode='tensor')
+    assert [tuple(m.shape) for m in maps] == [(1, 256, 32, 32), (1, 384, 16, 16), (1, 768, 8, 8), (1, 768, 4, 4)]
+    assert tuple(logits.shape) == (1, 150, 32, 32)
+    assert torch.isfinite(logits).all()
