@@ -1,0 +1,112 @@
+"""End to end: a few fine-tuning iterations plus evaluation through mmdet's and mmseg's own train tools, on
+tiny synthetic datasets, with a small ConvMAE loaded from a pretraining checkpoint; then this project's
+tools/test.py on the results, and the detector checkpoint loaded back into a backbone."""
+import importlib.util
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convmae_backbone  # noqa: F401
+from convmae_backbone import ConvMAE, ConvMAEPretrainer
+from convmae_backbone.checkpoint import safe_torch_load
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location('demo_finetune', osp.join(REPO, 'tools', 'demo_finetune.py'))
+demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(demo)
+
+BACKBONE = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    """A tiny ConvMAE pretraining checkpoint in mmengine's format (encoder + decoder weights)."""
+    torch.manual_seed(0)
+    model = ConvMAEPretrainer(**BACKBONE, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    model.init_weights()
+    path = str(tmp_path_factory.mktemp('pretrain') / 'pretrain.pth')
+    torch.save(dict(meta=dict(epoch=1), state_dict=model.state_dict()), path)
+    return path, model.state_dict()
+
+
+def _run_test_tool(config, checkpoint, work_dir, *extra):
+    os.makedirs(work_dir, exist_ok=True)
+    cmd = [sys.executable, osp.join(REPO, 'tools', 'test.py'), config, checkpoint, '--work-dir', work_dir, *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=work_dir)
+
+
+def _ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_mask_rcnn_finetune_eval_and_checkpoint_roundtrip(tmp_path, pretrained):
+    ckpt, pre_state = pretrained
+    data = demo.write_coco_dataset(str(tmp_path / 'coco'), num_train=4, num_val=2, size=(96, 96))
+    work = str(tmp_path / 'work')
+    os.makedirs(work)
+    # The config names a missing file; the command line supplies the real one, as documented in the config.
+    cfg = demo.tiny_det_config(data, work, BACKBONE, checkpoint='/nonexistent/backbone.pth', image_size=96,
+                               max_epochs=1, batch_size=2)
+    config = osp.join(work, 'mask_rcnn_tiny.py')
+    cfg.dump(config)
+    log = _ok(demo.run_train_tool('mmdet', config, work,
+                                  ['--cfg-options', f'model.backbone.init_cfg.checkpoint={ckpt}']))
+    assert f'ConvMAE weights from {ckpt}' in log
+    metrics = demo.read_val_metrics(work)
+    for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
+
+    # The fine-tuned detector's backbone loads back into a ConvMAE through init_cfg.
+    det_ckpt = osp.join(work, 'epoch_1.pth')
+    det_state = safe_torch_load(det_ckpt)['state_dict']
+    backbone = ConvMAE(**BACKBONE, out_indices=(0, 1, 2, 3), init_cfg=dict(type='Pretrained', checkpoint=det_ckpt))
+    backbone.init_weights()
+    key = 'blocks3.1.attn.qkv.weight'
+    assert torch.equal(backbone.state_dict()[key], det_state['backbone.' + key])
+    assert torch.equal(backbone.pos_embed, det_state['backbone.pos_embed'])
+    # ... and those are fine-tuned weights: they moved away from the pretraining ones.
+    assert not torch.equal(det_state['backbone.' + key], pre_state[key])
+    assert (det_state['backbone.' + key] - pre_state[key]).abs().max() < 0.05
+
+    # This project's tools/test.py evaluates the checkpoint with the same config.
+    test_log = _ok(_run_test_tool(config, det_ckpt, str(tmp_path / 'test'), '--out',
+                                  str(tmp_path / 'det.pkl')))
+    assert 'coco/segm_mAP' in test_log and osp.isfile(tmp_path / 'det.pkl')
+
+
+def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
+    ckpt, pre_state = pretrained
+    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=2, size=(80, 96))
+    work = str(tmp_path / 'work')
+    os.makedirs(work)
+    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=ckpt, crop=64, max_iters=4, warmup_iters=2)
+    config = osp.join(work, 'upernet_tiny.py')
+    cfg.dump(config)
+    log = _ok(demo.run_train_tool('mmseg', config, work))
+    assert f'ConvMAE weights from {ckpt}' in log
+    metrics = demo.read_val_metrics(work)
+    for key in ('mIoU', 'aAcc', 'mAcc'):
+        assert 0.0 <= metrics[key] <= 100.0, (key, metrics)
+
+    # The optimizer that mmseg's runner built used the layer-decay constructor: 2 stage-3 blocks, rate 0.75.
+    state = safe_torch_load(osp.join(work, 'iter_4.pth'))
+    groups = state['optimizer']['param_groups']
+    by_layer = {g['layer_id']: g for g in groups}
+    assert sorted(by_layer) == [0, 1, 2, 3]
+    # (the schedule has run to its end, lr 0; the schedulers keep each group's starting lr as initial_lr)
+    assert by_layer[3]['initial_lr'] == cfg.optim_wrapper.optimizer.lr
+    for layer_id, g in by_layer.items():
+        assert g['initial_lr'] == pytest.approx(by_layer[3]['initial_lr'] * 0.75 ** (3 - layer_id), rel=1e-6)
+    assert {g['weight_decay'] for g in groups} == {0.0, 0.05}
+    assert not torch.equal(state['state_dict']['backbone.blocks3.0.mlp.fc1.weight'],
+                           pre_state['blocks3.0.mlp.fc1.weight'])
+
+    out_dir = str(tmp_path / 'pred')
+    test_log = _ok(_run_test_tool(config, osp.join(work, 'iter_4.pth'), str(tmp_path / 'test'), '--out', out_dir))
+    assert 'mIoU' in test_log
+    assert len(os.listdir(out_dir)) == 2  # one predicted mask per validation image
