@@ -86,11 +86,16 @@ def test_base_config_builds_convmae_base():
     assert model.data_preprocessor.mean.flatten().tolist() == pytest.approx([123.675, 116.28, 103.53])
 
 
-def test_cli_options_resume_amp():
+def test_cli_options_resume_amp(monkeypatch):
     pretrain = load_tool('pretrain')
+    with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
+        pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp']))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only the config is built, nothing runs
     cfg = pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp', '--resume']))
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 'dynamic'
     assert cfg.resume is True and cfg.load_from is None
+    with pytest.raises(ValueError, match=r'begins at epoch 40 but train_cfg.max_epochs is 30'):
+        pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--cfg-options', 'train_cfg.max_epochs=30']))
     assert cfg.work_dir.endswith('convmae-b_8xb128-1600e_in1k')
     cfg = pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--resume', 'x/epoch_3.pth', '--work-dir',
                                                      'w', '--auto-scale-lr']))

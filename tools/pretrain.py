@@ -47,17 +47,32 @@ def build_config(args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
     if args.amp:
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); none is available')
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise ValueError(f'{args.config} has no auto_scale_lr.base_batch_size; --auto-scale-lr needs it')
         cfg.auto_scale_lr.enable = True
+    check_schedule(cfg)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
     return cfg
+
+
+def check_schedule(cfg: Config) -> None:
+    """Fail early, with the numbers, if an epoch-based scheduler starts at or after the last epoch."""
+    max_epochs = cfg.get('train_cfg', {}).get('max_epochs')
+    schedulers = cfg.get('param_scheduler') or []
+    for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
+        if max_epochs is not None and sched.get('by_epoch', True) and sched.get('begin', 0) >= max_epochs:
+            raise ValueError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {sched["begin"]} but '
+                             f'train_cfg.max_epochs is {max_epochs}; train longer than the warm-up or change '
+                             f'param_scheduler')
 
 
 def main(argv: Optional[List[str]] = None) -> Runner:
