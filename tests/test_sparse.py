@@ -1,0 +1,164 @@
+"""Sparse stage-1/2 pretraining path and fused attention: both must give the reference results."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from convmae_backbone.models import ConvMAEPretrainer
+from convmae_backbone.models.layers import Attention, TransformerBlock
+from convmae_backbone.models.utils import random_mask
+
+FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'official_convmae_small.pt')
+SMALL = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=4,
+             decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope='module')
+def official():
+    return torch.load(FIXTURE, weights_only=True)
+
+
+def official_model(official, sparse: bool, norm_pix_loss: bool) -> ConvMAEPretrainer:
+    c = official['config']
+    model = ConvMAEPretrainer(embed_dims=c['embed_dim'], depths=c['depth'], num_heads=c['num_heads'],
+                              mlp_ratios=c['mlp_ratio'], decoder_embed_dim=c['decoder_embed_dim'],
+                              decoder_depth=c['decoder_depth'], decoder_num_heads=c['decoder_num_heads'],
+                              norm_pix_loss=norm_pix_loss, sparse=sparse)
+    model.load_state_dict(official['state_dict'], strict=True)
+    return model.double()
+
+
+@pytest.mark.parametrize('norm_pix_loss', [True, False], ids=['norm_pix', 'raw'])
+@pytest.mark.parametrize('sparse', [True, False], ids=['sparse', 'dense'])
+def test_official_parity(official, sparse, norm_pix_loss):
+    """Loss, prediction, latent and gradients of both paths match the official implementation (< 1e-6)."""
+    model = official_model(official, sparse, norm_pix_loss)
+    assert model.sparse is sparse
+    tag = 'norm_pix' if norm_pix_loss else 'raw'
+    imgs, mask = official['images'].double(), official['mask']
+    loss, pred, _ = model.forward_mae(imgs, mask)
+    loss.backward()
+    assert rel_err(loss, official[f'loss_{tag}']) < 1e-6
+    assert rel_err(pred, official['pred']) < 1e-6  # pred does not depend on the loss normalisation
+    params = dict(model.named_parameters())
+    for name, grad in official[f'grads_{tag}'].items():
+        assert rel_err(params[name].grad, grad) < 1e-6, name
+    with torch.no_grad():
+        latent = model.forward_encoder(imgs, mask, (14, 14))
+    assert rel_err(latent, official[f'latent_{tag}']) < 1e-6
+
+
+def random_pretrainer(sparse: bool, seed: int = 0) -> ConvMAEPretrainer:
+    """Small float64 pretrainer whose every parameter (LayerNorms and biases included) is random."""
+    torch.manual_seed(seed)
+    model = ConvMAEPretrainer(img_size=64, **SMALL, sparse=sparse).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if 'norm' in name else 0.1))
+    return model
+
+
+def test_sparse_equals_dense_non_square_grid():
+    """64x96 images (a 4x6 token grid), random weights and mask: sparse and dense agree in float64."""
+    sparse, dense = random_pretrainer(True), random_pretrainer(False)
+    dense.load_state_dict(sparse.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    imgs = torch.randn(3, 3, 64, 96, generator=gen, dtype=torch.float64)
+    mask = random_mask(3, 24, 0.6, generator=gen)
+    assert mask.any() and (~mask).any()
+    outs = []
+    for model in (sparse, dense):
+        loss, pred, _ = model.forward_mae(imgs, mask)
+        loss.backward()
+        latent = model.forward_encoder(imgs, mask, (4, 6))
+        outs.append((loss, pred, latent, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (ls, ps, lat_s, gs), (ld, pd, lat_d, gd) = outs
+    assert rel_err(ls, ld) < 1e-12
+    assert rel_err(ps, pd) < 1e-12
+    assert rel_err(lat_s, lat_d) < 1e-12
+    assert gs.keys() == gd.keys()
+    for name in gd:
+        assert gd[name] is not None and gd[name].abs().max() > 0, name
+        assert rel_err(gs[name], gd[name]) < 1e-10, name
+
+
+def test_sparse_prediction_ignores_masked_pixels():
+    """The sparse path never reads masked pixels: changing them leaves pred bit-identical, while changing a
+    visible pixel changes it."""
+    model = random_pretrainer(True).eval()
+    gen = torch.Generator().manual_seed(2)
+    imgs = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    mask = random_mask(2, 16, 0.75, generator=gen)
+    pixel_mask = mask.reshape(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 16, 4, 16).reshape(2, 3, 64, 64)
+    with torch.no_grad():
+        _, pred, _ = model.forward_mae(imgs, mask)
+        noisy = torch.where(pixel_mask, torch.randn_like(imgs) * 100, imgs)
+        _, pred_noisy, _ = model.forward_mae(noisy, mask)
+        changed = imgs.clone()
+        changed[~pixel_mask] += 1.0
+        _, pred_changed, _ = model.forward_mae(changed, mask)
+    assert not torch.equal(noisy, imgs)
+    assert torch.equal(pred_noisy, pred)
+    assert (pred_changed - pred).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('window', [0, 4], ids=['global', 'window4_padded'])
+def test_fused_attention_equals_explicit(window, monkeypatch):
+    """Fused attention == explicit softmax(QK^T)V with relative position bias, windows with padding (a 7x10
+    grid in windows of 4) and query chunking forced, in float64; the mask handed to SDPA stays small."""
+    torch.manual_seed(3)
+    hw = (7, 10)
+    block = TransformerBlock(32, 4, window_size=window, use_rel_pos=True, rel_pos_size=hw).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, hw[0] * hw[1], 32, dtype=torch.float64, requires_grad=True)
+
+    def run(fused: bool):
+        block.attn.fused = fused
+        x.grad = None
+        block.zero_grad()
+        out = block(x, hw)
+        out.square().sum().backward()
+        return out.detach(), x.grad.clone(), block.attn.rel_pos_h.grad.clone()
+
+    explicit = run(False)
+    assert explicit[0].abs().max() > 0
+    # chunk queries to 2 grid rows: the largest mask is (batch, heads, 2 rows, all keys)
+    n_keys = 16 if window else hw[0] * hw[1]
+    n_rows = window or hw[1]
+    batch = 2 * (6 if window else 1)  # 2 x 3 windows of 4x4 over the padded 8x12 grid
+    limit = batch * 4 * 2 * n_rows * n_keys
+    monkeypatch.setattr(Attention, 'max_bias_numel', limit)
+    sizes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kwargs):
+        sizes.append(attn_mask.numel())
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recording_sdpa)
+    fused = run(True)
+    assert len(sizes) > 1 and max(sizes) <= limit
+    for a, b in zip(fused, explicit):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_fused_attention_float32_flash_kernel():
+    """Without monkeypatching: the real SDPA kernel in float32 agrees with the explicit formulation."""
+    torch.manual_seed(4)
+    attn = Attention(64, 4, use_rel_pos=True, rel_pos_size=(12, 12))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_(std=0.5)
+        attn.rel_pos_w.normal_(std=0.5)
+    x = torch.randn(2, 144, 64)
+    attn.fused = False
+    ref = attn(x, (12, 12))
+    attn.fused = True
+    assert rel_err(attn(x, (12, 12)), ref) < 1e-5
