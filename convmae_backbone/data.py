@@ -40,7 +40,7 @@ def to_rgb8(img: Image.Image) -> Image.Image:
             arr = arr / 257.0  # 0..65535 -> 0..255
         elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
             arr = arr * 255.0
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode='L')
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode 'L'
     elif img.mode in ('P', 'PA'):
         img = img.convert('RGBA')
     return img.convert('RGB')
