@@ -162,3 +162,24 @@ def test_fused_attention_float32_flash_kernel():
     ref = attn(x, (12, 12))
     attn.fused = True
     assert rel_err(attn(x, (12, 12)), ref) < 1e-5
+
+
+def test_conv_block_inference_slabs_equal_full_map(monkeypatch):
+    """Eval-mode ConvBlock without autograd (MLP in slabs of rows, as for 1024x1024 backbone inputs) equals the
+    autograd forward on the whole map."""
+    from convmae_backbone.models.layers import ConvBlock
+    torch.manual_seed(5)
+    block = ConvBlock(16).double().eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    x = torch.randn(2, 16, 13, 9, dtype=torch.float64)
+    ref = block(x)  # grad enabled: whole map
+    monkeypatch.setattr(ConvBlock, 'mlp_slab_numel', 2 * 9 * 64 * 3)  # 3 rows per slab, last one partial
+    calls = []
+    fc1_forward = block.mlp.fc1.forward
+    monkeypatch.setattr(block.mlp.fc1, 'forward', lambda t: calls.append(t.shape[2]) or fc1_forward(t))
+    with torch.no_grad():
+        out = block(x)
+    assert calls == [3, 3, 3, 3, 1]
+    assert rel_err(out, ref) < 1e-13

@@ -95,8 +95,11 @@ class ConvBlock(nn.Module):
     """ConvMAE stage-1/2 block: pre-norm, 1x1 conv, 5x5 depthwise conv (in place of attention), 1x1 conv, conv MLP.
 
     With ``visible`` (B, 1, H, W) given, positions where it is 0 are zeroed right before the depthwise conv
-    (masked convolution), so visible positions never see masked content.
+    (masked convolution), so visible positions never see masked content. In eval mode without autograd the MLP
+    runs in slabs of rows to bound peak memory on large inputs.
     """
+
+    mlp_slab_numel = 1 << 23  # hidden elements per slab of rows in :meth:`_mlp_inference` (32 MiB float32)
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, kernel_size: int = 5):
         super().__init__()
@@ -113,7 +116,22 @@ class ConvBlock(nn.Module):
         if visible is not None:
             y = y * visible
         x = x + self.drop_path(self.conv2(self.attn(y)))
-        return x + self.drop_path(self.mlp(channels_last_norm(self.norm2, x)))
+        if torch.is_grad_enabled() or self.training:
+            return x + self.drop_path(self.mlp(channels_last_norm(self.norm2, x)))
+        return self._mlp_inference(x)
+
+    def _mlp_inference(self, x: Tensor) -> Tensor:
+        """x + MLP(norm2(x)) for (B, C, H, W) without autograd, in slabs of rows so that the 4x wider hidden
+        map (268 MB at H/4 of a 1024x1024 image for C=256) never exists whole. Pointwise, hence identical."""
+        b, c, h, w = x.shape
+        rows = max(1, self.mlp_slab_numel // (b * w * self.mlp.fc1.out_channels))
+        if rows >= h:
+            return x + self.mlp(channels_last_norm(self.norm2, x))
+        out = torch.empty_like(x)
+        for r in range(0, h, rows):
+            part = x[:, :, r:r + rows]
+            out[:, :, r:r + rows] = part + self.mlp(channels_last_norm(self.norm2, part))
+        return out
 
     def forward_sparse(self, x: Tensor, grid: VisibleGrid) -> Tensor:
         """The masked block on visible positions only: x (B, Lv, S, S, C) -> (B, Lv, S, S, C).
