@@ -13,6 +13,7 @@ records its config, the number of heads) is read from the checkpoint. The helper
 tests/test_downstream_train.py.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -263,35 +264,51 @@ def tiny_seg_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
 def infer_backbone(path: str, num_heads: Optional[int] = None) -> dict:
     """ConvMAE kwargs (img_size, embed_dims, depths, num_heads, mlp_ratios) of the encoder in ``path``.
 
-    Shapes give everything but the number of heads; that comes from ``num_heads``, else from the config an
-    mmengine checkpoint records in ``meta.cfg``, else 64-channel heads are assumed.
+    Shapes give everything but the number of heads. That comes from ``num_heads``, else from the config an
+    mmengine checkpoint records in ``meta.cfg``, else from the pretraining config in configs/pretrain/ with
+    the same architecture, else 32-channel heads are assumed.
     """
-    import torch  # noqa: F401  (convmae_backbone imports it anyway)
     from convmae_backbone.checkpoint import extract_state_dict, safe_torch_load
     ckpt = safe_torch_load(path)
     state = extract_state_dict(ckpt)
     dims = tuple(int(state[f'patch_embed{i}.proj.weight'].shape[0]) for i in (1, 2, 3))
     depths = tuple(1 + max(int(m.group(1)) for k in state for m in [re.match(rf'blocks{i}\.(\d+)\.', k)] if m)
                    for i in (1, 2, 3))
-    ratios = (state['blocks1.0.mlp.fc1.weight'].shape[0] / dims[0],
-              state['blocks2.0.mlp.fc1.weight'].shape[0] / dims[1],
-              state['blocks3.0.mlp.fc1.weight'].shape[0] / dims[2])
-    grid = int(round(state['pos_embed'].shape[1] ** 0.5))
-    if num_heads is None:
-        num_heads = _heads_from_meta(ckpt)
-    if num_heads is None:
-        num_heads = max(1, dims[2] // 64)
-        print(f'[demo_finetune] number of heads not recorded in {path}; assuming {num_heads}')
-    return dict(img_size=grid * 16, embed_dims=dims, depths=depths, num_heads=int(num_heads),
+    ratios = tuple(state[f'blocks{i}.0.mlp.fc1.weight'].shape[0] / dims[i - 1] for i in (1, 2, 3))
+    img_size = 16 * int(round(state['pos_embed'].shape[1] ** 0.5))
+    arch = dict(img_size=img_size, embed_dims=dims, depths=depths,
                 mlp_ratios=tuple(int(r) if float(r).is_integer() else float(r) for r in ratios))
+    for source in (lambda: num_heads, lambda: _heads_from_meta(ckpt), lambda: _heads_from_pretrain_configs(arch)):
+        heads = source()
+        if heads is not None:
+            break
+    else:
+        heads = max(1, dims[2] // 32)
+        print(f'[demo_finetune] number of heads not recorded for {path}; assuming {heads}')
+    return dict(arch, num_heads=int(heads))
 
 
 def _heads_from_meta(ckpt) -> Optional[int]:
     cfg_text = ckpt.get('meta', {}).get('cfg') if isinstance(ckpt, dict) else None
     if not isinstance(cfg_text, str):
         return None
-    match = re.search(r'num_heads\s*=\s*(\d+)', cfg_text)  # the encoder's (decoder_num_heads does not match)
+    match = re.search(r'\bnum_heads\s*=\s*(\d+)', cfg_text)  # the encoder's (decoder_num_heads does not match)
     return int(match.group(1)) if match else None
+
+
+def _heads_from_pretrain_configs(arch: dict) -> Optional[int]:
+    """num_heads of the configs/pretrain/ config whose model has exactly this architecture."""
+    from mmengine.config import Config
+    pattern = osp.join(REPO, 'configs', 'pretrain', '*.py')
+    for path in sorted(glob.glob(pattern)):
+        try:
+            model = Config.fromfile(path).model
+        except Exception:  # noqa: BLE001 - an unrelated broken config must not stop the demo
+            continue
+        if (model.get('img_size') == arch['img_size'] and tuple(model.get('embed_dims', ())) == arch['embed_dims']
+                and tuple(model.get('depths', ())) == arch['depths']):
+            return int(model['num_heads'])
+    return None
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -341,6 +358,8 @@ def parse_args():
     parser.add_argument('--num-heads', type=int, help='stage-3 heads of the pretrained model (if not recorded)')
     parser.add_argument('--det-epochs', type=int, default=6, help='epochs over the 8 detection images')
     parser.add_argument('--seg-iters', type=int, default=30, help='segmentation iterations')
+    parser.add_argument('--det-lr', type=float, default=1e-3, help='AdamW lr of the detector')
+    parser.add_argument('--seg-lr', type=float, default=2e-4, help='AdamW lr of the segmentor heads')
     parser.add_argument('--seed', type=int, default=0)
     return parser.parse_args()
 
@@ -356,10 +375,10 @@ def main():
     checkpoint = osp.abspath(args.backbone)
 
     det_cfg = tiny_det_config(coco, osp.join(work_dir, 'mask_rcnn'), backbone, checkpoint,
-                              max_epochs=args.det_epochs, seed=args.seed)
+                              max_epochs=args.det_epochs, lr=args.det_lr, warmup_iters=4, seed=args.seed)
     det = finetune('mmdet', det_cfg, osp.join(work_dir, 'mask_rcnn'))
     seg_cfg = tiny_seg_config(ade, osp.join(work_dir, 'upernet'), backbone, checkpoint,
-                              max_iters=args.seg_iters, seed=args.seed)
+                              max_iters=args.seg_iters, lr=args.seg_lr, seed=args.seed)
     seg = finetune('mmseg', seg_cfg, osp.join(work_dir, 'upernet'))
 
     print('[demo_finetune] results on the synthetic validation sets:')
