@@ -55,7 +55,7 @@ if ! ls "$WHEEL_DIR"/mmcv-*.whl >/dev/null 2>&1; then
   ls "$WORK"/dist/mmcv-*.whl >/dev/null 2>&1 || { echo "[install_mmcv] build failed, see $LOG" >&2; exit 1; }
   cp "$WORK"/dist/mmcv-*.whl "$WHEEL_DIR"/
   # setuptools<70 was only for mmcv's setup.py; give torch back the setuptools it declares.
-  "$PY" -m pip install -q "setuptools>=77"
+  "$PY" -m pip install -q "setuptools>=77,<81"  # <81: mmengine still imports pkg_resources
 fi
 
 echo "[install_mmcv] installing $(ls "$WHEEL_DIR"/mmcv-*.whl)"

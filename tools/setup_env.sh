@@ -27,7 +27,8 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 CONSTRAINTS="$VENV/convmae-constraints.txt"
-echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
+# mmengine 0.10.x imports pkg_resources (gone from setuptools >= 81); torch 2.14 declares setuptools >= 77.
+printf 'torch==%s\nsetuptools<81\n' "$TORCH_VERSION" > "$CONSTRAINTS"
 if ! "$PY" -c "import torchvision" 2>/dev/null; then
   "${PIP[@]}" install -q -c "$CONSTRAINTS" torchvision
 fi
@@ -36,7 +37,7 @@ echo "[setup_env] torch $TORCH_VERSION"
 bash tools/install_mmcv.sh "$PY"
 
 echo "[setup_env] installing mmdet, mmsegmentation and convmae_backbone (editable)"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" \
+"${PIP[@]}" install -q -c "$CONSTRAINTS" "setuptools>=77,<81" "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" \
   -e ".[tests]" 2>&1 | grep -v "^WARNING: Location" || true
-"$PY" -c "import convmae_backbone, mmdet, mmseg, mmcv.ops; print('[setup_env] ready: mmcv', mmcv.__version__, \
+"$PY" -W ignore -c "import pkg_resources, convmae_backbone, mmdet, mmseg, mmcv.ops; print('[setup_env] ready: mmcv', mmcv.__version__, \
 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
