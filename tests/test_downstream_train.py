@@ -110,3 +110,58 @@ def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
     test_log = _ok(_run_test_tool(config, osp.join(work, 'iter_4.pth'), str(tmp_path / 'test'), '--out', out_dir))
     assert 'mIoU' in test_log
     assert len(os.listdir(out_dir)) == 2  # one predicted mask per validation image
+
+
+def _tiny_seg_resume_config(tmp_path, data, work):
+    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=None, crop=64, max_iters=6, warmup_iters=2)
+    # Deterministic: no dropout (its torch RNG draws are not replayed on resume), no validation.
+    cfg.model.decode_head.dropout_ratio = 0.0
+    cfg.model.auxiliary_head.dropout_ratio = 0.0
+    cfg.randomness = dict(seed=3, deterministic=True)
+    cfg.default_hooks.checkpoint.interval = 2
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    path = str(tmp_path / 'upernet_resume.py')
+    cfg.dump(path)
+    return path
+
+
+def test_upernet_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
+    """mmseg's train tool, killed (SIGKILL) after a checkpoint and resumed with --resume, ends with exactly the
+    weights of an uninterrupted run."""
+    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=1, size=(80, 96))
+    full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
+    os.makedirs(full)
+    os.makedirs(killed)
+    config = _tiny_seg_resume_config(tmp_path, data, full)
+    _ok(demo.run_train_tool('mmseg', config, full))
+
+    # Start the same run and kill it as soon as its first checkpoint (iteration 2 of 6) is complete.
+    import importlib
+    import signal
+    import time
+    tool = osp.join(osp.dirname(importlib.import_module('mmseg').__file__), '.mim', 'tools', 'train.py')
+    proc = subprocess.Popen([sys.executable, tool, config, '--work-dir', killed], cwd=killed,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = osp.join(killed, 'last_checkpoint')  # written after the checkpoint file is complete
+    deadline = time.time() + 240
+    while not osp.isfile(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+    assert not osp.isfile(osp.join(killed, 'iter_6.pth'))
+    at_kill = safe_torch_load(open(marker).read().strip())
+    interrupted_at = at_kill['meta']['iter']
+    assert 2 <= interrupted_at < 6
+
+    log = _ok(demo.run_train_tool('mmseg', config, killed, ['--resume']))
+    assert f'resumed epoch: 0, iter: {interrupted_at}' in log
+    resumed = safe_torch_load(osp.join(killed, 'iter_6.pth'))
+    reference = safe_torch_load(osp.join(full, 'iter_6.pth'))
+    assert resumed['meta']['iter'] == reference['meta']['iter'] == 6
+    assert resumed['state_dict'].keys() == reference['state_dict'].keys()
+    for key, value in reference['state_dict'].items():
+        assert torch.equal(resumed['state_dict'][key], value), key
+    # ... and the resumed part of the run did train (the weights moved after the kill)
+    for key in ('decode_head.conv_seg.weight', 'backbone.blocks3.1.attn.qkv.weight'):
+        assert not torch.equal(at_kill['state_dict'][key], reference['state_dict'][key]), key
