@@ -1,6 +1,7 @@
 # A small ConvMAE pretrained for a few minutes on CPU on views of the photographs shipped with scikit-image
 # (written by tools/demo.py, or convmae_backbone.data.write_demo_images). Same recipe as the base config,
-# scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 30 epochs.
+# scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 12 epochs of 17 iterations
+# (about 2 minutes on 2 idle CPU cores; the loss falls from ~1.0 to ~0.7 in the first epochs).
 _base_ = ['./convmae-b_8xb128-1600e_in1k.py']
 
 data_root = 'demo_output/images/'
@@ -31,12 +32,12 @@ train_dataloader = dict(
 
 optim_wrapper = dict(optimizer=dict(lr=2e-3))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, begin=0, end=2, convert_to_iter_based=True),
-    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=2, convert_to_iter_based=True),
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, begin=0, end=1, convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=1, convert_to_iter_based=True),
 ]
-train_cfg = dict(max_epochs=30)
+train_cfg = dict(max_epochs=12)
 default_hooks = dict(
     logger=dict(interval=5),
-    checkpoint=dict(interval=10, max_keep_ckpts=1))
+    checkpoint=dict(interval=4, max_keep_ckpts=1))
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 log_processor = dict(window_size=5)
