@@ -36,6 +36,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable, mode: str = 'wb
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -45,6 +46,12 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable, mode: str = 'wb
         if osp.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @register_backend('atomic_local', force=True)

@@ -98,6 +98,9 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ['ckpt.pth']  # no temporary file left behind
     atomic_write(target, lambda f: f.write(b'new'))
     assert target.read_bytes() == b'new'
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 @pytest.mark.parametrize('crash_point', ['torch.save', 'fsync'])
