@@ -15,6 +15,7 @@ parameter of layer ``l`` gets ``lr = base_lr * layer_decay_rate ** (num_layers +
 parameters (norms, biases, layer-scale ``gamma``), ``pos_embed`` and relative-position tables get no weight
 decay.
 """
+import logging
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -119,5 +120,5 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         for key in sorted(groups, key=lambda k: (groups[k]['layer_id'], k)):
             g = groups[key]
             print_log(f'{key}: {len(g["params"])} params, lr_scale={g["lr_scale"]:.4g}, '
-                      f'weight_decay={g["weight_decay"]}', logger='current', level=10)  # DEBUG
+                      f'weight_decay={g["weight_decay"]}', logger='current', level=logging.DEBUG)
             params.append(g)
