@@ -86,3 +86,4 @@ def test_demo_end_to_end_small(tmp_path, capfd):
     # the fine-tuning script ran as a subprocess with the exported backbone, its output passed through
     backbone, finetune_dir = str(out / 'convmae_demo_backbone.pth'), str(out / 'finetune')
     assert f"FINETUNE ARGS ['--backbone', {backbone!r}, '--work-dir', {finetune_dir!r}]" in printed
+    assert printed.rstrip().endswith(f'fine-tuning: exit code 0, outputs under {finetune_dir}')

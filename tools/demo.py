@@ -62,11 +62,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     export_backbone.main([ckpt, backbone])
 
     k = min(10, len(losses) // 2)
-    print(f'[demo] pretraining: {len(losses)} iterations in {train_time:.0f} s; loss first {losses[0]:.4f} -> '
-          f'last {losses[-1]:.4f} (mean of first {k}: {losses[:k].mean():.4f}, last {k}: {losses[-k:].mean():.4f})')
-    print(f'[demo] checkpoint:     {ckpt}')
-    print(f'[demo] reconstruction: {png}')
-    print(f'[demo] backbone:       {backbone}', flush=True)
+    summary = [
+        f'[demo] pretraining: {len(losses)} iterations in {train_time:.0f} s; loss first {losses[0]:.4f} -> last '
+        f'{losses[-1]:.4f} (mean of first {k}: {losses[:k].mean():.4f}, last {k}: {losses[-k:].mean():.4f})',
+        f'[demo] checkpoint:     {ckpt}',
+        f'[demo] reconstruction: {png}',
+        f'[demo] backbone:       {backbone}']
+    print('\n'.join(summary), flush=True)
 
     finetune = args.finetune_script
     if args.skip_finetune or not osp.isfile(finetune):
@@ -74,7 +76,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmd = [sys.executable, finetune, '--backbone', backbone, '--work-dir', osp.join(out, 'finetune')]
     print(f'[demo] running {" ".join(cmd)}', flush=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get('PYTHONPATH')])))
-    return subprocess.call(cmd, env=env)
+    rc = subprocess.call(cmd, env=env)
+    print('\n'.join(summary + [f'[demo] fine-tuning: exit code {rc}, outputs under {osp.join(out, "finetune")}']))
+    return rc
 
 
 if __name__ == '__main__':
