@@ -1,6 +1,7 @@
 """End to end: a few fine-tuning iterations plus evaluation through mmdet's and mmseg's own train tools, on
 tiny synthetic datasets, with a small ConvMAE loaded from a pretraining checkpoint; then this project's
-tools/test.py on the results, and the detector checkpoint loaded back into a backbone."""
+tools/test.py on the results, the detector checkpoint loaded back into a backbone, and a SIGKILLed segmentation
+run resumed to the weights of an uninterrupted one."""
 import importlib.util
 import os
 import os.path as osp
@@ -127,13 +128,15 @@ def _tiny_seg_resume_config(tmp_path, data, work):
 
 def test_upernet_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     """mmseg's train tool, killed (SIGKILL) after a checkpoint and resumed with --resume, ends with exactly the
-    weights of an uninterrupted run."""
+    weights of an uninterrupted run (made with this project's tools/train.py)."""
     data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=1, size=(80, 96))
     full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
     os.makedirs(full)
     os.makedirs(killed)
     config = _tiny_seg_resume_config(tmp_path, data, full)
-    _ok(demo.run_train_tool('mmseg', config, full))
+    # The uninterrupted reference run goes through this project's tools/train.py (same runner, same result).
+    _ok(subprocess.run([sys.executable, osp.join(REPO, 'tools', 'train.py'), config, '--work-dir', full],
+                       capture_output=True, text=True, timeout=300, cwd=full))
 
     # Start the same run and kill it as soon as its first checkpoint (iteration 2 of 6) is complete.
     import importlib
