@@ -75,6 +75,16 @@ class AtomicCheckpointHook(CheckpointHook):
     def __init__(self, *args, backend_args: Optional[dict] = None, **kwargs):
         super().__init__(*args, backend_args=backend_args or dict(backend='atomic_local'), **kwargs)
 
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        if is_main_process() and osp.isdir(self.out_dir):  # left over by a run killed while saving
+            for name in os.listdir(self.out_dir):
+                if name.endswith('.tmp') and (name.startswith('.last_checkpoint.') or
+                                              (name.startswith('.') and '.pth.' in name)):
+                    os.remove(osp.join(self.out_dir, name))
+                    print_log(f'removed incomplete checkpoint file {name} of an interrupted save',
+                              logger='current', level=logging.WARNING)
+
     def _save_checkpoint_with_step(self, runner, step, meta):
         outdated = []
         if self.max_keep_ckpts > 0 and (not self.keep_ckpt_ids or self.keep_ckpt_ids[-1] != step):

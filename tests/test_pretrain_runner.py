@@ -1,6 +1,5 @@
 """tools/pretrain.py on mmengine's Runner: configs, overrides, a short run, export and reload of the backbone."""
 import importlib.util
-import sys
 from pathlib import Path
 from typing import Optional
 

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -139,7 +138,9 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cra
     assert not (work / 'epoch_2.pth').exists()
     assert not [p for p in os.listdir(work) if p.endswith('.tmp')]
     assert safe_torch_load(work / 'epoch_1.pth')['meta']['epoch'] == 1
+    (work / '.epoch_2.pth.k1ll3d.tmp').write_bytes(b'PK partial')  # as left by a SIGKILL during a save
     runner = pretrain.main([str(cfg), '--work-dir', str(work), '--resume', '--cfg-options',
                             f'experiment_name=crash_{crash_point}_resume'])
     assert runner.iter == 4 and safe_torch_load(work / 'epoch_2.pth')['meta']['epoch'] == 2
     assert not (work / 'epoch_1.pth').exists()  # max_keep_ckpts=1, removed after epoch_2.pth was complete
+    assert not (work / '.epoch_2.pth.k1ll3d.tmp').exists()  # stale temporary file cleaned up on start
