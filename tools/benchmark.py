@@ -11,7 +11,8 @@ One run measures, side by side and per device (CPU; CUDA too when available, in 
 
 Every variant runs in a fresh subprocess, so that its peak memory (peak RSS on CPU, ``max_memory_allocated``
 on CUDA) is its own. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and convolutions;
-CPU flash attention is counted with the same formula as the CUDA kernels), measured on the first warm-up step.
+CPU flash attention is counted with the same formula as the CUDA kernels, and the backward of grouped
+convolutions with their groups), measured on the first warm-up step.
 
     PYTHONPATH=. python tools/benchmark.py                # CPU (and CUDA if present), default sizes
     PYTHONPATH=. python tools/benchmark.py --quick        # tiny sizes, a smoke run of a few seconds
@@ -61,6 +62,12 @@ def _flop_counter():
     if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu_backward'):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = (
             lambda g, q, k, v, *args, out_shape=None, **kwargs: fc.sdpa_backward_flop_count(g, q, k, v))
+    # the stock convolution_backward formula ignores ``groups`` and counts a depthwise conv's backward as a full
+    # conv (C times too much: +32 GFLOP/img for ConvMAE-Base at 224); each of grad_input and grad_weight costs
+    # the forward's multiply-adds
+    mapping[aten.convolution_backward] = (
+        lambda grad_out, x, w, _bias, _stride, _padding, _dilation, transposed, _out_pad, _groups, output_mask,
+        out_shape=None: fc.conv_flop_count(x, w, grad_out, transposed) * (int(output_mask[0]) + int(output_mask[1])))
     return fc.FlopCounterMode(display=False, custom_mapping=mapping)
 
 

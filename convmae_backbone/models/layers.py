@@ -190,24 +190,33 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
 
-    def rel_pos_bias(self, q: Tensor, hw: Tuple[int, int], row_start: int = 0) -> Tensor:
-        """Queries of grid rows ``row_start ..`` q (B, heads, rows*w, d) -> additive bias (B, heads, rows*w, h*w)."""
+    def rel_pos_bias(self, q: Tensor, hw: Tuple[int, int], row_start: int = 0,
+                     out: Optional[Tensor] = None) -> Tensor:
+        """Queries of grid rows ``row_start ..`` q (B, heads, rows*w, d) -> additive bias (B, heads, rows*w, h*w).
+
+        ``out``: an optional contiguous buffer of that size to write into (without autograd only).
+        """
         h, w = hw
         b, nh, n, d = q.shape
         rows = n // w
         r_q = q.reshape(b, nh, rows, w, d)
         table_h = relative_position_table(self.rel_pos_h, h)[row_start:row_start + rows]  # (rows, h, d)
-        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r_q, table_h)
-        rel_w = torch.einsum('bnhwc,wkc->bnhwk', r_q, relative_position_table(self.rel_pos_w, w))
-        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, nh, n, h * w)
+        rel_h = torch.einsum('bnhwc,hkc->bnhwk', r_q, table_h)[..., :, None]             # (b, nh, rows, w, h, 1)
+        rel_w = torch.einsum('bnhwc,wkc->bnhwk', r_q, relative_position_table(self.rel_pos_w, w))[..., None, :]
+        if out is None:
+            return (rel_h + rel_w).reshape(b, nh, n, h * w)
+        torch.add(rel_h, rel_w, out=out.view(b, nh, rows, w, h, w))
+        return out
 
-    def _mask(self, q: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor], row_start: int = 0
-              ) -> Optional[Tensor]:
+    def _mask(self, q: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor], row_start: int = 0,
+              out: Optional[Tensor] = None) -> Optional[Tensor]:
         """Additive attention mask for the queries ``q``: relative position bias plus key padding (-inf)."""
-        bias = self.rel_pos_bias(q, hw, row_start) if self.use_rel_pos else None
+        bias = self.rel_pos_bias(q, hw, row_start, out) if self.use_rel_pos else None
         if pad is None:
             return bias
-        return pad if bias is None else bias + pad
+        if bias is None:
+            return pad
+        return bias.add_(pad) if out is not None else bias + pad
 
     def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None,
                 key_padding: Optional[Tensor] = None) -> Tensor:
@@ -233,16 +242,23 @@ class Attention(nn.Module):
 
     def _fused(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor]
                ) -> Tensor:
-        """SDPA over (B, heads, N, d) q, k, v; query chunks of whole grid rows when the mask would be large."""
+        """SDPA over (B, heads, N, d) q, k, v; query chunks of whole grid rows when the mask would be large.
+
+        Without autograd all chunks write their mask into one buffer: a fresh large allocation per chunk costs
+        more in page faults than computing the mask.
+        """
         b, nh, n, _ = q.shape
         if not self.use_rel_pos or b * nh * n * n <= self.max_bias_numel:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(q, hw, pad))
         w = hw[1]
         rows = max(1, self.max_bias_numel // (b * nh * w * n))
+        buf = None if torch.is_grad_enabled() else q.new_empty(b * nh * rows * w * n)
         outs = []
         for r in range(0, hw[0], rows):
             q_chunk = q[:, :, r * w:(r + rows) * w]
-            outs.append(F.scaled_dot_product_attention(q_chunk, k, v, attn_mask=self._mask(q_chunk, hw, pad, r)))
+            out = None if buf is None else buf[:q_chunk[..., 0].numel() * n].view(b, nh, -1, n)
+            outs.append(F.scaled_dot_product_attention(q_chunk, k, v,
+                                                       attn_mask=self._mask(q_chunk, hw, pad, r, out)))
         return torch.cat(outs, dim=2)
 
 
