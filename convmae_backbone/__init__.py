@@ -5,8 +5,8 @@ pretraining components in mmengine's registries.
 """
 from .models import ConvMAE, ConvMAEPretrainer, ConvViT  # noqa: I001  (models first: checkpoint uses them)
 from .checkpoint import CheckpointError, load_encoder_weights, register_safe_mmengine_loader, safe_torch_load
-from .data import ImageFolderDataset
-from .engine import AtomicCheckpointHook, EpochSeedHook, NonFiniteLossHook
+from .data import ImageFolderDataset, SeededSampler
+from .engine import AtomicCheckpointHook, ReseedHook, NonFiniteLossHook
 from .optim import ConvMAELayerDecayOptimWrapperConstructor
 from .registry import register_all
 
@@ -16,5 +16,5 @@ register_all()
 register_safe_mmengine_loader()
 
 __all__ = ['ConvMAE', 'ConvMAEPretrainer', 'ConvViT', 'CheckpointError', 'load_encoder_weights',
-           'safe_torch_load', 'ConvMAELayerDecayOptimWrapperConstructor', 'ImageFolderDataset',
-           'AtomicCheckpointHook', 'EpochSeedHook', 'NonFiniteLossHook', '__version__']
+           'safe_torch_load', 'ConvMAELayerDecayOptimWrapperConstructor', 'ImageFolderDataset', 'SeededSampler',
+           'AtomicCheckpointHook', 'ReseedHook', 'NonFiniteLossHook', '__version__']

@@ -4,15 +4,20 @@ The pipeline yields ``dict(inputs=uint8 tensor (3, H, W))``; normalisation (Imag
 and std, RGB) is done by the model's ``ImgDataPreprocessor``. Unreadable files (truncated, corrupt or not an
 image at all) never stop a run: the loader returns ``None`` with a warning naming the file, and mmengine's
 ``BaseDataset`` fetches another index instead.
+
+With :class:`SeededSampler` every sample's augmentation is a pure function of (run seed, epoch, index): the
+same crops and flips whatever ``num_workers`` is, and again after ``--resume``.
 """
 import logging
 import os
 import os.path as osp
-from typing import List, Optional, Sequence
+import random
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from mmengine.dataset import BaseDataset
+from mmengine.dataset import BaseDataset, DefaultSampler
 from mmengine.logging import print_log
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
@@ -160,6 +165,50 @@ class ImageFolderDataset(BaseDataset):
             raise FileNotFoundError(f'image folder {root!r} holds no images with extensions {IMG_EXTENSIONS}')
         print_log(f'ImageFolderDataset: {len(files)} images under {root}', logger='current')
         return [dict(img_path=f) for f in files]
+
+    def __getitem__(self, index: Union[int, Tuple[int, int]]) -> dict:
+        """``index`` is an int (mmengine's samplers) or ``(index, sample_seed)`` (:class:`SeededSampler`).
+
+        With a seed, the pipeline runs under Python, numpy and torch RNGs seeded with it (the caller's RNG state
+        is left untouched) and an unreadable image is replaced by an index drawn from the same seed.
+        """
+        if not isinstance(index, (tuple, list)):
+            return super().__getitem__(index)
+        idx, seed = int(index[0]), int(index[1])
+        if not self._fully_initialized:
+            self.full_init()
+        replacement = np.random.default_rng(seed)
+        for _ in range(self.max_refetch + 1):
+            with seeded_rngs(seed):
+                data = self.prepare_data(idx)
+            if data is not None:
+                return data
+            idx = int(replacement.integers(len(self)))
+        raise RuntimeError(f'no readable image found after {self.max_refetch} attempts under {self.image_dir}')
+
+
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed ``random``, numpy's global RNG and torch's CPU RNG with ``seed``; restore their states on exit."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededSampler(DefaultSampler):
+    """mmengine's ``DefaultSampler`` (same order, shuffling and DDP split) yielding ``(index, sample_seed)``
+    with ``sample_seed`` derived from (seed, epoch, index), for :class:`ImageFolderDataset`."""
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        for idx in super().__iter__():
+            yield idx, int(np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(1)[0])
 
 
 # Photographs shipped inside scikit-image (no download needed).

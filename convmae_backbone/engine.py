@@ -6,9 +6,11 @@
   ``last_checkpoint`` pointer to a temporary file in the same folder and renames it into place, and deletes
   outdated checkpoints only after the new one is complete: a crash while saving never leaves a truncated
   checkpoint behind, nor a run without any checkpoint.
-* :class:`EpochSeedHook` re-seeds Python, numpy and torch at the start of every epoch from
-  (seed, epoch, rank), so a run resumed from an epoch checkpoint draws the same crops, flips and masks as an
-  uninterrupted one (mmengine restores the weights, optimizer and schedulers but not the RNG state).
+* :class:`ReseedHook` re-seeds Python, numpy and torch at the start of every epoch from (seed, epoch, rank)
+  and before every iteration from (seed, iteration, rank), so a run resumed from an epoch checkpoint draws
+  the same masks (and, with ``num_workers=0`` and mmengine's own samplers, the same crops) as an uninterrupted
+  one: mmengine restores weights, optimizer and schedulers but not the RNG state. With the ``SeededSampler``
+  of ``convmae_backbone.data`` the crops are reproducible for any ``num_workers``.
 """
 import logging
 import math
@@ -139,19 +141,27 @@ class NonFiniteLossHook(Hook):
                 raise FloatingPointError(msg)
 
 
-class EpochSeedHook(Hook):
-    """Seed ``random``, numpy and torch from (run seed, epoch, rank) at the start of every training epoch.
+class ReseedHook(Hook):
+    """Seed ``random``, numpy and torch from (run seed, epoch, rank) before every training epoch and from
+    (run seed, iteration, rank) before every training iteration.
 
-    With ``num_workers=0`` all augmentations and masks of an epoch then depend only on the seed, the epoch and
-    the rank, so resuming from an epoch checkpoint reproduces the uninterrupted run exactly. (With workers,
-    mmengine seeds each worker from the run seed.)
+    The model's masks (and drop-path) then depend only on the seed, the iteration and the rank, whatever
+    data loading consumed from the RNGs; the per-epoch seed covers augmentations done in the main process
+    (``num_workers=0``) with mmengine's samplers.
     """
 
     priority = 'VERY_HIGH'
 
-    def before_train_epoch(self, runner) -> None:
+    @staticmethod
+    def _seed(runner, *keys: int) -> None:
         seed = runner.seed if runner.seed is not None else 0
-        state = np.random.SeedSequence([seed, runner.epoch, get_rank()]).generate_state(1)[0]
-        random.seed(int(state))
-        np.random.seed(int(state))
-        torch.manual_seed(int(state))
+        state = int(np.random.SeedSequence([seed, *keys, get_rank()]).generate_state(1)[0])
+        random.seed(state)
+        np.random.seed(state)
+        torch.manual_seed(state)
+
+    def before_train_epoch(self, runner) -> None:
+        self._seed(runner, 0, runner.epoch)
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        self._seed(runner, 1, runner.iter)

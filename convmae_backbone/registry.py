@@ -1,7 +1,7 @@
 """Registration of this package's components in the OpenMMLab registries it serves."""
 import importlib
 
-from mmengine.registry import DATASETS, HOOKS, TRANSFORMS
+from mmengine.registry import DATA_SAMPLERS, DATASETS, HOOKS, TRANSFORMS
 from mmengine.registry import MODELS as ENGINE_MODELS
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as ENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 
@@ -33,7 +33,8 @@ def _register_training_components() -> None:
     """Pretraining dataset, transforms and hooks, in mmengine's root registries."""
     from . import data, engine
     _register(DATASETS, data.ImageFolderDataset)
+    _register(DATA_SAMPLERS, data.SeededSampler)
     for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs):
         _register(TRANSFORMS, cls)
-    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.EpochSeedHook):
+    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook):
         _register(HOOKS, cls)

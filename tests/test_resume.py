@@ -30,12 +30,14 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    """Reference: one process loading data itself. Killed and resumed run: two persistent loader workers."""
     max_epochs = 8
     cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=max_epochs)
     ref, killed = tmp_path / 'ref', tmp_path / 'killed'
     finish(run_pretrain([cfg, '--work-dir', ref]))
 
-    proc = run_pretrain([cfg, '--work-dir', killed])
+    workers = ['--cfg-options', 'train_dataloader.num_workers=2', 'train_dataloader.persistent_workers=True']
+    proc = run_pretrain([cfg, '--work-dir', killed, *workers])
     deadline = time.time() + 240
     while not (killed / 'epoch_2.pth').exists():
         assert proc.poll() is None, 'the run ended before it could be killed'
@@ -47,7 +49,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     resumed_from = (killed / 'last_checkpoint').read_text().strip()
     assert not (killed / f'epoch_{max_epochs}.pth').exists(), 'killed too late to test anything'
 
-    out = finish(run_pretrain([cfg, '--work-dir', killed, '--resume']))
+    out = finish(run_pretrain([cfg, '--work-dir', killed, '--resume', *workers]))
     assert f'Load checkpoint from {resumed_from}' in out and 'resumed epoch' in out
 
     final_ref = safe_torch_load(ref / f'epoch_{max_epochs}.pth')

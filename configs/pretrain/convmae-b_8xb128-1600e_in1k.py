@@ -47,7 +47,7 @@ train_dataloader = dict(
     persistent_workers=True,
     pin_memory=True,
     drop_last=True,
-    sampler=dict(type='DefaultSampler', shuffle=True),
+    sampler=dict(type='SeededSampler', shuffle=True),  # DefaultSampler + per-sample augmentation seeds
     collate_fn=dict(type='pseudo_collate'),
     dataset=dict(type='ImageFolderDataset', data_root=data_root, subdir='train', pipeline=train_pipeline))
 
@@ -76,7 +76,7 @@ default_hooks = dict(
     checkpoint=dict(type='AtomicCheckpointHook', interval=20, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
-custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='EpochSeedHook')]
+custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook')]
 
 env_cfg = dict(
     cudnn_benchmark=False,
