@@ -135,3 +135,26 @@ def test_demo_images_are_real_photos(tmp_path):
     with Image.open(files[0]) as img:
         assert img.size == (48, 48)
         assert np.asarray(img).std() > 5
+
+
+def test_seeded_samples_are_reproducible_and_leave_global_rng_alone(tmp_path):
+    from mmengine.registry import DATA_SAMPLERS
+    for i in range(6):
+        Image.fromarray(photo(64, 64, seed=i)).save(tmp_path / f'{i}.png')
+    ds = build(tmp_path)
+    sampler = DATA_SAMPLERS.build(dict(type='SeededSampler', shuffle=True, seed=7), default_args=dict(dataset=ds))
+    epoch0 = list(sampler)
+    assert sorted(i for i, _ in epoch0) == list(range(6))
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert {s for _, s in epoch0}.isdisjoint({s for _, s in epoch1})  # new augmentation seeds every epoch
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = ds[epoch0[0]]['inputs']
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is not consumed
+    torch.manual_seed(12345)
+    assert torch.equal(ds[epoch0[0]]['inputs'], first)  # same (index, seed) -> same crop and flip
+    idx, seed = epoch0[0]
+    crops = {ds[(idx, seed + k)]['inputs'].float().sum().item() for k in range(1, 6)}
+    assert len(crops) > 1  # other seeds give other crops
