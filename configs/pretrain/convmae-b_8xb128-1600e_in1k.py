@@ -12,6 +12,11 @@
 #
 # The schedulers leave `end` unset, so they follow train_cfg.max_epochs (which must exceed the 40 warm-up
 # epochs).
+#
+# Reliability: checkpoints are written atomically (AtomicCheckpointHook), a NaN/Inf loss stops the run before
+# a bad checkpoint is written (NonFiniteLossHook), and `--resume` continues from the last epoch checkpoint
+# with the same crops, flips and masks as an uninterrupted run (SeededSampler + ReseedHook; mmengine resumes
+# at epoch boundaries, so keep checkpoints by epoch).
 data_root = 'data/imagenet/'  # train/<class>/*.JPEG, or any (flat or nested) folder of images
 img_size = 224
 
