@@ -6,6 +6,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
 
@@ -40,9 +41,8 @@ def det_cfg():
 @pytest.fixture(scope='module')
 def detector(det_cfg):
     from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
-    register_all_modules(init_default_scope=True)
-    model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(det_cfg.model)))
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(det_cfg.model)))
     return model.eval()
 
 
@@ -159,9 +159,8 @@ def test_seg_config_recipe(seg_cfg):
 
 def test_segmentor_forward(seg_cfg):
     from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-    register_all_modules(init_default_scope=True)
-    model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(seg_cfg.model))).eval()
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(seg_cfg.model))).eval()
     assert all(b.gamma_1 is not None and b.attn.use_rel_pos for b in model.backbone.blocks3)
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():

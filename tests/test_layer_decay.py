@@ -6,6 +6,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAE, ConvMAELayerDecayOptimWrapperConstructor
@@ -30,11 +31,11 @@ def _groups_by_name(optim_wrapper, model):
 def upernet():
     from mmseg.registry import MODELS
     cfg = Config.fromfile(SEG_CONFIG)
-    model = MODELS.build(cfg.model)
     optim_cfg = cfg.optim_wrapper.copy()
     optim_cfg.type = 'OptimWrapper'  # AMP needs a GPU; the param groups are the same
-    from mmseg.registry import OPTIM_WRAPPERS  # noqa: F401  (scope registries are populated on import)
-    optim_wrapper = build_optim_wrapper(model, optim_cfg)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        model = MODELS.build(cfg.model)
+        optim_wrapper = build_optim_wrapper(model, optim_cfg)
     return cfg, model, optim_wrapper
 
 

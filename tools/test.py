@@ -13,11 +13,13 @@ import argparse
 import importlib
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-import convmae_backbone  # noqa: F401  registers ConvMAE and the safe checkpoint loader
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
+import convmae_backbone  # noqa: F401,E402  registers ConvMAE and the safe checkpoint loader
 
 SCOPES = ('mmdet', 'mmseg')
 

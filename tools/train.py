@@ -12,12 +12,14 @@ import importlib
 import logging
 import os
 import os.path as osp
+import sys
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-import convmae_backbone  # noqa: F401  registers ConvMAE, its optimizer constructor and the safe loader
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
+import convmae_backbone  # noqa: F401,E402  registers ConvMAE, its optimizer constructor and the safe loader
 
 SCOPES = ('mmdet', 'mmseg')
 
