@@ -206,12 +206,16 @@ def machine_description(device: str) -> str:
             f'{mem:.0f} GiB RAM (torch {torch.__version__})')
 
 
-def summarise(res: dict, per: int, ceiling: float) -> dict:
+def summarise(runs: list, per: int, ceiling: float) -> dict:
+    """Pool the runs (rounds) of one variant: all timed iterations, the largest peak memory."""
+    res = dict(runs[0])
+    res['times'] = [t for r in runs for t in r['times']]
+    worst = max(runs, key=lambda r: r['peak_mb'])
     best = min(res['times'])
     res.update(best_s=best, median_s=statistics.median(res['times']), gflop_per_item=res['flops'] / per / 1e9,
-               gflops_per_s=res['flops'] / best / 1e9)
+               gflops_per_s=res['flops'] / best / 1e9, peak_mb=worst['peak_mb'], base_mb=worst['base_mb'],
+               work_mb=max(r['peak_mb'] - r['base_mb'] for r in runs), rounds=len(runs))
     res['pct_of_gemm'] = 100 * res['gflops_per_s'] / ceiling
-    res['work_mb'] = res['peak_mb'] - res['base_mb']
     return res
 
 
@@ -224,7 +228,8 @@ def ratios(a: dict, b: dict) -> dict:
 def format_section(title: str, mem_name: str, rows, ratio_name: str, ratio: dict, per_name: str) -> str:
     head = (f'| variant | best s | median s | GFLOP/{per_name} | GFLOP/s | % of GEMM | peak {mem_name} MiB '
             f'| peak - baseline MiB |')
-    lines = [f'**{title}**', '', head, '|' + '---|' * 8]
+    lines = [f'**{title}** ({rows[0][1]["rounds"]} x {len(rows[0][1]["times"]) // rows[0][1]["rounds"]} timed '
+             f'iterations per variant)', '', head, '|' + '---|' * 8]
     for name, r in rows:
         lines.append(f"| {name} | {r['best_s']:.3f} | {r['median_s']:.3f} | {r['gflop_per_item']:.1f} | "
                      f"{r['gflops_per_s']:.1f} | {r['pct_of_gemm']:.0f}% | {r['peak_mb']:.0f} | {r['work_mb']:.0f} |")
@@ -239,6 +244,8 @@ def main() -> None:
                         help='auto: CPU, and CUDA as well when available')
     parser.add_argument('--iters', type=int, default=3, help='timed iterations per variant')
     parser.add_argument('--warmup', type=int, default=1, help='warm-up iterations (the first is FLOP-counted)')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='fresh-process runs per variant, alternating variants; times are pooled')
     parser.add_argument('--batch', type=int, default=8, help='pretraining batch size')
     parser.add_argument('--backbone-batch', type=int, default=1, help='backbone forward batch size')
     parser.add_argument('--quick', action='store_true', help='tiny model and sizes: a smoke run')
@@ -250,8 +257,8 @@ def main() -> None:
         cfg = json.loads(args.worker)
         print('RESULT ' + json.dumps(WORKERS[cfg['kind']](cfg)), flush=True)
         return
-    if args.warmup < 1 or args.iters < 1:
-        parser.error('--warmup and --iters must be at least 1')
+    if args.warmup < 1 or args.iters < 1 or args.rounds < 1:
+        parser.error('--warmup, --iters and --rounds must be at least 1')
 
     devices = ['cpu', 'cuda'] if args.device == 'auto' else [args.device]
     devices = [d for d in devices if d == 'cpu' or torch.cuda.is_available()]
@@ -268,10 +275,14 @@ def main() -> None:
             cfg = dict(common, device=device, dtype=dtype)
             gemm = run_worker(dict(cfg, kind='gemm'))
             ceiling = gemm['gflops_per_s']
-            pre = {v: summarise(run_worker(dict(cfg, kind='pretrain', variant=v)), cfg['batch'], ceiling)
-                   for v in ('sparse', 'dense')}
-            bb = {v: summarise(run_worker(dict(cfg, kind='backbone', variant=v)), cfg['backbone_batch'], ceiling)
-                  for v in ('fused', 'explicit')}
+            runs = {v: [] for v in ('sparse', 'dense', 'fused', 'explicit')}
+            for _ in range(args.rounds):  # alternate the variants, so that load drift hits all of them
+                for v in ('sparse', 'dense'):
+                    runs[v].append(run_worker(dict(cfg, kind='pretrain', variant=v)))
+                for v in ('fused', 'explicit'):
+                    runs[v].append(run_worker(dict(cfg, kind='backbone', variant=v)))
+            pre = {v: summarise(runs[v], cfg['batch'], ceiling) for v in ('sparse', 'dense')}
+            bb = {v: summarise(runs[v], cfg['backbone_batch'], ceiling) for v in ('fused', 'explicit')}
             entry = dict(device=device, dtype=dtype, machine=machine_description(device), gemm=gemm,
                          pretrain=pre, pretrain_ratio=ratios(pre['sparse'], pre['dense']),
                          backbone=bb, backbone_ratio=ratios(bb['fused'], bb['explicit']))
