@@ -356,7 +356,7 @@ def parse_args():
     parser.add_argument('--backbone', required=True, help='pretrained ConvMAE weights (any supported format)')
     parser.add_argument('--work-dir', default='work_dirs/demo_finetune')
     parser.add_argument('--num-heads', type=int, help='stage-3 heads of the pretrained model (if not recorded)')
-    parser.add_argument('--det-epochs', type=int, default=12, help='epochs over the 8 detection images')
+    parser.add_argument('--det-epochs', type=int, default=20, help='epochs over the 8 detection images')
     parser.add_argument('--seg-iters', type=int, default=60, help='segmentation iterations')
     parser.add_argument('--det-lr', type=float, default=1e-3, help='AdamW lr of the detector')
     parser.add_argument('--seg-lr', type=float, default=2e-4, help='AdamW lr of the segmentor heads')
