@@ -189,3 +189,29 @@ def test_conv_block_inference_slabs_equal_full_map(monkeypatch):
         out = block(x)
     assert calls == [3, 3, 3, 3, 1]
     assert rel_err(out, ref) < 1e-13
+
+
+def test_sparse_with_activation_checkpointing(monkeypatch):
+    """with_cp checkpoints the sparse conv blocks too (a bound method and a VisibleGrid as arguments)."""
+    from convmae_backbone.models import convvit
+    checkpointed = []
+    checkpoint = convvit.cp.checkpoint
+    monkeypatch.setattr(convvit.cp, 'checkpoint',
+                        lambda fn, *a, **k: checkpointed.append(getattr(fn, '__name__', '')) or checkpoint(fn, *a, **k))
+    plain = random_pretrainer(True)
+    torch.manual_seed(0)
+    ckpt = ConvMAEPretrainer(img_size=64, **SMALL, sparse=True, with_cp=True).double()
+    ckpt.load_state_dict(plain.state_dict())
+    gen = torch.Generator().manual_seed(6)
+    imgs = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)
+    mask = random_mask(2, 16, 0.5, generator=gen)
+    losses = []
+    for model in (plain, ckpt):
+        loss = model.forward_mae(imgs, mask)[0]
+        loss.backward()
+        losses.append(loss)
+    assert checkpointed.count('forward_sparse') == 2  # blocks1[0] and blocks2[0], in the with_cp model only
+    assert rel_err(losses[1], losses[0]) < 1e-14
+    grad_plain = plain.blocks1[0].attn.weight.grad
+    assert grad_plain.abs().max() > 0
+    assert rel_err(ckpt.blocks1[0].attn.weight.grad, grad_plain) < 1e-12
