@@ -10,7 +10,7 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List
 
 import torch
 from mmengine.logging import print_log

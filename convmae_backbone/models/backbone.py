@@ -1,5 +1,5 @@
 """``ConvMAE``: the ConvMAE encoder as an mmdet/mmseg backbone."""
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor

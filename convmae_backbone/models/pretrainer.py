@@ -3,7 +3,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.model import BaseModel
-from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from .convvit import ConvViT
@@ -62,8 +61,7 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed.shape[1], decoder_embed_dim),
                                               requires_grad=False)
-        decoder_mlp_ratio = self._mlp_ratio0 = float(mlp_ratios if isinstance(mlp_ratios, (int, float))
-                                                     else mlp_ratios[0])
+        decoder_mlp_ratio = float(mlp_ratios if isinstance(mlp_ratios, (int, float)) else mlp_ratios[0])
         self.decoder_blocks = nn.ModuleList(
             TransformerBlock(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
