@@ -128,6 +128,8 @@ def test_overrides_apply_and_schedulers_follow_max_epochs(tmp_path):
     for no_decay in ('blocks3.0.norm1.weight', 'blocks3.0.attn.qkv.bias', 'mask_token'):
         assert groups[id(named[no_decay])] == 0.0, no_decay
     assert id(named['pos_embed']) not in groups  # fixed sin-cos embedding: not optimised at all
+    optimizer = runner.optim_wrapper.optimizer
+    assert type(optimizer).__name__ == 'AdamW' and optimizer.defaults['fused'] is True  # single-kernel update
 
 
 def test_short_run_checkpoint_export_and_backbone_load(tmp_path):
