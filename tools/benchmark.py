@@ -75,8 +75,13 @@ def _flop_counter():
     return fc.FlopCounterMode(display=False, custom_mapping=mapping)
 
 
+def _memory_mb(device: str) -> float:
+    """Memory in use now: allocated tensors on CUDA, resident set size on CPU."""
+    return torch.cuda.memory_allocated() / 2 ** 20 if device == 'cuda' else _current_rss_mb()
+
+
 def _time_loop(step, device: str, warmup: int, iters: int):
-    """Run ``step`` warmup + iters times; the first warm-up step is FLOP-counted. Returns (flops, times, base)."""
+    """Run ``step`` warmup + iters times; the first warm-up step is FLOP-counted. Returns (flops, times)."""
     counter = _flop_counter()
     with counter:
         step()
@@ -85,9 +90,6 @@ def _time_loop(step, device: str, warmup: int, iters: int):
     _sync(device)
     if device == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2 ** 20
-    else:
-        base = _current_rss_mb()
     times = []
     for _ in range(iters):
         _sync(device)
@@ -95,7 +97,7 @@ def _time_loop(step, device: str, warmup: int, iters: int):
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return counter.get_total_flops(), times, base
+    return counter.get_total_flops(), times
 
 
 def _peak_mb(device: str) -> float:
@@ -145,10 +147,10 @@ def worker_pretrain(cfg: dict) -> dict:
     arch, dec = (TINY, TINY_DECODER) if cfg['quick'] else (BASE, BASE_DECODER)
     model = ConvMAEPretrainer(img_size=size, **arch, **dec, sparse=cfg['variant'] == 'sparse').to(device).train()
     opt = build_pretrain_optimizer(model)
-    # what any variant holds at the end of a backward: the process with its weights (measured), plus a gradient
-    # and two AdamW moments per trainable parameter
+    # held between steps by any variant: the process with its weights (measured before the first step) and two
+    # AdamW moments per trainable parameter; at the end of every backward the gradients come on top (the floor)
     trainable_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
-    model_mb = torch.cuda.memory_allocated() / 2 ** 20 if device == 'cuda' else _current_rss_mb()
+    held_mb = _memory_mb(device) + 2 * trainable_mb
     gen = torch.Generator().manual_seed(0)
     imgs = torch.randn(batch, 3, size, size, generator=gen).to(device)
     mask = random_mask(batch, (size // 16) ** 2, 0.75, generator=gen).to(device)
@@ -160,9 +162,9 @@ def worker_pretrain(cfg: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    flops, times, base = _time_loop(step, device, cfg['warmup'], cfg['iters'])
-    return dict(flops=flops, times=times, base_mb=base, peak_mb=_peak_mb(device),
-                params=sum(p.numel() for p in model.parameters()), floor_mb=model_mb + 3 * trainable_mb,
+    flops, times = _time_loop(step, device, cfg['warmup'], cfg['iters'])
+    return dict(flops=flops, times=times, held_mb=held_mb, peak_mb=_peak_mb(device),
+                params=sum(p.numel() for p in model.parameters()), floor_mb=held_mb + trainable_mb,
                 optimizer=f"{type(opt).__name__}(fused={opt.defaults.get('fused')})")
 
 
@@ -183,13 +185,14 @@ def worker_backbone(cfg: dict) -> dict:
                 m.rel_pos_h.normal_(std=0.02)
                 m.rel_pos_w.normal_(std=0.02)
     x = torch.randn(cfg['backbone_batch'], 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    held_mb = _memory_mb(device)  # the process with its weights and the input
 
     def step():
         with torch.inference_mode(), _autocast(device, cfg['dtype']):
             model(x)
 
-    flops, times, base = _time_loop(step, device, cfg['warmup'], cfg['iters'])
-    return dict(flops=flops, times=times, base_mb=base, peak_mb=_peak_mb(device))
+    flops, times = _time_loop(step, device, cfg['warmup'], cfg['iters'])
+    return dict(flops=flops, times=times, held_mb=held_mb, peak_mb=_peak_mb(device))
 
 
 WORKERS = dict(gemm=worker_gemm, pretrain=worker_pretrain, backbone=worker_backbone)
@@ -230,8 +233,8 @@ def summarise(runs: list, per: int, ceiling: float) -> dict:
     worst = max(runs, key=lambda r: r['peak_mb'])
     best = min(res['times'])
     res.update(best_s=best, median_s=statistics.median(res['times']), gflop_per_item=res['flops'] / per / 1e9,
-               gflops_per_s=res['flops'] / best / 1e9, peak_mb=worst['peak_mb'], base_mb=worst['base_mb'],
-               work_mb=max(r['peak_mb'] - r['base_mb'] for r in runs), rounds=len(runs))
+               gflops_per_s=res['flops'] / best / 1e9, peak_mb=worst['peak_mb'], held_mb=worst['held_mb'],
+               work_mb=max(r['peak_mb'] - r['held_mb'] for r in runs), rounds=len(runs))
     res['pct_of_gemm'] = 100 * res['gflops_per_s'] / ceiling
     return res
 
@@ -244,7 +247,7 @@ def ratios(a: dict, b: dict) -> dict:
 
 def format_section(title: str, mem_name: str, rows, ratio_name: str, ratio: dict, per_name: str) -> str:
     head = (f'| variant | best s | median s | GFLOP/{per_name} | GFLOP/s | % of GEMM | peak {mem_name} MiB '
-            f'| peak - baseline MiB |')
+            f'| peak - held MiB |')
     lines = [f'**{title}** ({rows[0][1]["rounds"]} x {len(rows[0][1]["times"]) // rows[0][1]["rounds"]} timed '
              f'iterations per variant)', '', head, '|' + '---|' * 8]
     for name, r in rows:
@@ -260,7 +263,9 @@ def main() -> None:
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
                         help='auto: CPU, and CUDA as well when available')
     parser.add_argument('--iters', type=int, default=3, help='timed iterations per variant')
-    parser.add_argument('--warmup', type=int, default=1, help='warm-up iterations (the first is FLOP-counted)')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='warm-up iterations; the first is FLOP-counted (and leaves the process cold: the step '
+                             'after it was ~15%% slower than later ones for the sparse path on CPU)')
     parser.add_argument('--rounds', type=int, default=1,
                         help='fresh-process runs per variant, alternating variants; times are pooled')
     parser.add_argument('--batch', type=int, default=8, help='pretraining batch size')
