@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=3, help='timed iterations per variant')
     parser.add_argument('--warmup', type=int, default=3,
                         help='warm-up iterations; the first is FLOP-counted (and leaves the process cold: the step '
-                             'after it was ~15%% slower than later ones for the sparse path on CPU)')
+                             'after it was 8-28%% slower than later ones for the sparse path on CPU)')
     parser.add_argument('--rounds', type=int, default=1,
                         help='fresh-process runs per variant, alternating variants; times are pooled')
     parser.add_argument('--batch', type=int, default=8, help='pretraining batch size')
