@@ -1,4 +1,5 @@
 """tools/: reconstruction maths of the visualiser, config discovery, export errors, the demo end to end."""
+import os.path as osp
 import shutil
 
 import numpy as np
@@ -87,3 +88,15 @@ def test_demo_end_to_end_small(tmp_path, capfd):
     backbone, finetune_dir = str(out / 'convmae_demo_backbone.pth'), str(out / 'finetune')
     assert f"FINETUNE ARGS ['--backbone', {backbone!r}, '--work-dir', {finetune_dir!r}]" in printed
     assert printed.rstrip().endswith(f'fine-tuning: exit code 0, outputs under {finetune_dir}')
+
+
+def test_load_config_applies_the_shared_options(tmp_path):
+    from convmae_backbone.cli import load_config
+    cfg_file = tmp_path / 'my_cfg.py'
+    cfg_file.write_text("default_scope = 'mmseg'\nmodel = dict(type='X', depth=2)\n")
+    cfg = load_config(str(cfg_file), {'model.depth': 5}, 'pytorch', scopes=('mmdet', 'mmseg'))
+    assert cfg.model.depth == 5 and cfg.launcher == 'pytorch'
+    assert cfg.work_dir == osp.join('work_dirs', 'my_cfg')
+    assert load_config(str(cfg_file), work_dir='w').work_dir == 'w'
+    with pytest.raises(ValueError, match=r"my_cfg.py: default_scope must be one of \('mmdet',\), got 'mmseg'"):
+        load_config(str(cfg_file), scopes=('mmdet',))

@@ -16,6 +16,7 @@ from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without install
 import convmae_backbone  # noqa: E402,F401  (registers the model, dataset, transforms and hooks)
+from convmae_backbone.cli import load_config  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -38,14 +39,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The config file with the command-line options applied."""
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.launcher = args.launcher
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
         import torch
         if not torch.cuda.is_available():

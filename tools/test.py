@@ -20,6 +20,7 @@ from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE and the safe checkpoint loader
+from convmae_backbone.cli import load_config  # noqa: E402
 
 SCOPES = ('mmdet', 'mmseg')
 
@@ -61,21 +62,12 @@ def enable_visualization(cfg: Config, scope: str, args) -> None:
 
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f'config default_scope must be one of {SCOPES}, got {scope!r}')
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir, SCOPES)
+    scope = cfg.default_scope
     if scope == 'mmdet':
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()
 
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         enable_visualization(cfg, scope, args)

@@ -14,12 +14,13 @@ import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
+from mmengine.config import DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE, its optimizer constructor and the safe loader
+from convmae_backbone.cli import load_config  # noqa: E402
 
 SCOPES = ('mmdet', 'mmseg')
 
@@ -46,28 +47,13 @@ def parse_args():
     return args
 
 
-def config_scope(cfg: Config) -> str:
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f'config default_scope must be one of {SCOPES}, got {scope!r}')
-    return scope
-
-
 def main():
     args = parse_args()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    scope = config_scope(cfg)
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir, SCOPES)
+    scope = cfg.default_scope
     if scope == 'mmdet':
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
 
     if args.amp:
         if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
