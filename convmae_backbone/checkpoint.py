@@ -1,22 +1,15 @@
-"""Safe checkpoint reading and format-agnostic loading of ConvMAE weights.
+"""Safe checkpoint reading (adapting the weights to a model is ``models.weights``).
 
 Every file is read with ``torch.load(weights_only=True)``. Checkpoints written by mmengine or the official
 code hold a few non-tensor objects (numpy arrays in the message hub, ``argparse.Namespace`` args); those
 classes, and only those, are allow-listed for the one load that needs them.
 """
 import importlib
-import logging
 import os
 import pickle
 import zipfile
-from collections import OrderedDict
-from typing import Dict, Iterable, List
 
 import torch
-from mmengine.logging import print_log
-from torch import Tensor, nn
-
-from .models.utils import resize_pos_embed
 
 # Globals a checkpoint may reference and still be loaded (prefix match on 'module.name').
 TRUSTED_GLOBALS = (
@@ -33,11 +26,6 @@ TRUSTED_GLOBALS = (
     'builtins.getattr',  # replaced by _restricted_getattr
     'torch.',
 )
-
-# Keys of a pretraining checkpoint that the backbone does not use.
-PRETRAIN_ONLY_PREFIXES = ('decoder_', 'mask_token', 'norm.', 'stage1_output_decode', 'stage2_output_decode')
-# Wrappers put around the encoder's own names by detectors, segmentors, DDP and EMA.
-STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
 
 
 class CheckpointError(RuntimeError):
@@ -113,92 +101,10 @@ def safe_torch_load(path: str, map_location='cpu') -> dict:
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+            UnicodeDecodeError) as exc:
         raise CheckpointError(f'checkpoint file {path!r} could not be read (truncated, corrupt or not a PyTorch '
                               f'checkpoint): {exc}') from exc
-
-
-def extract_state_dict(ckpt) -> Dict[str, Tensor]:
-    """The model weights of a checkpoint in any supported format, with wrapper prefixes removed.
-
-    Formats: mmengine (``state_dict``), official ConvMAE/MAE (``model``), plain state dicts, and detector or
-    segmentor checkpoints (``backbone.`` prefix).
-    """
-    if isinstance(ckpt, dict):
-        for key in ('state_dict', 'model', 'module'):
-            if key in ckpt and isinstance(ckpt[key], dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f'expected a dict of weights, found {type(ckpt).__name__}')
-    state = OrderedDict((k, v) for k, v in ckpt.items() if isinstance(v, Tensor))
-    has_backbone = any(k.startswith('backbone.') for k in state)
-    out = OrderedDict()
-    for k, v in state.items():
-        if has_backbone and not k.startswith(('backbone.', 'module.backbone.')):
-            continue  # a detector/segmentor: keep only its backbone
-        changed = True
-        while changed:
-            changed = False
-            for p in STRIP_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
-def _square_grid(n: int, key: str, path: str) -> tuple:
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise CheckpointError(f'{path}: cannot infer the grid of {key} with {n} tokens')
-    return side, side
-
-
-def load_encoder_weights(model: nn.Module, path: str, logger: str = 'current',
-                         keep_prefixes: Iterable[str] = ()) -> List[str]:
-    """Load ConvMAE weights from ``path`` into ``model`` (the backbone or the pretrainer).
-
-    ``pos_embed`` is resized to the model's grid and relative-position tables to the model's sizes; any other
-    shape mismatch raises :class:`CheckpointError` naming the key and both shapes. Missing and unexpected keys
-    are logged. Returns the list of missing keys.
-    """
-    state = extract_state_dict(safe_torch_load(path))
-    own = model.state_dict()
-    if not any(k in own for k in state):
-        raise CheckpointError(f'checkpoint {path!r} holds no ConvMAE weights (none of its {len(state)} keys, e.g. '
-                              f'{list(state)[:3]}, is a ConvMAE key)')
-    ignored = [k for k in state if k not in own and k.startswith(PRETRAIN_ONLY_PREFIXES)
-               and not k.startswith(tuple(keep_prefixes))]
-    unexpected = [k for k in state if k not in own and k not in ignored]
-    to_load = OrderedDict()
-    for k, v in state.items():
-        if k not in own:
-            continue
-        target = own[k].shape
-        if v.shape != target and k == 'pos_embed':
-            src = _square_grid(v.shape[1], k, path)
-            dst = model.pos_grid
-            if v.shape[-1] != target[-1]:
-                raise CheckpointError(f'{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(target)}')
-            v = resize_pos_embed(v.float(), src, dst).to(v.dtype)
-            print_log(f'resized pos_embed from grid {src} to {dst}', logger=logger)
-        elif v.shape != target and k.endswith(('rel_pos_h', 'rel_pos_w')) and v.shape[1:] == target[1:]:
-            v = torch.nn.functional.interpolate(v.t().unsqueeze(0).float(), size=target[0],
-                                                mode='linear').squeeze(0).t().to(v.dtype)
-        elif v.shape != target:
-            raise CheckpointError(f'{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, '
-                                  f'model {tuple(target)} (a different architecture?)')
-        to_load[k] = v
-    missing = [k for k in own if k not in to_load]
-    model.load_state_dict(to_load, strict=False)
-    print_log(f'loaded {len(to_load)} ConvMAE weights from {path}', logger=logger)
-    if ignored:
-        print_log(f'ignored {len(ignored)} pretraining-only keys (decoder, fusion, final norm)', logger=logger)
-    if unexpected:
-        print_log(f'unexpected keys in {path}: {unexpected}', logger=logger, level=logging.WARNING)
-    if missing:
-        print_log(f'missing keys (left at their initialisation): {missing}', logger=logger, level=logging.WARNING)
-    return missing
 
 
 def register_safe_mmengine_loader() -> None:

@@ -9,42 +9,21 @@
         optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
         paramwise_cfg=dict(num_layers=11, layer_decay_rate=0.75))
 
-Layer ids: 0 for the patch embeddings, the position embedding and the convolutional stages 1-2; ``i + 1`` for
-stage-3 block ``blocks3.i``; ``num_layers + 1`` for everything outside the backbone (neck, heads). A
-parameter of layer ``l`` gets ``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``. One-dimensional
+Layer ids come from the encoder (:meth:`ConvViT.get_layer_id`): 0 for the patch embeddings, the position
+embedding and the convolutional stages 1-2; ``i + 1`` for stage-3 block ``blocks3.i``; ``num_layers + 1`` for
+everything else (neck, heads). A parameter of layer ``l`` gets
+``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``. One-dimensional
 parameters (norms, biases, layer-scale ``gamma``), ``pos_embed`` and relative-position tables get no weight
 decay.
 """
 import logging
-import re
 from typing import Dict, List, Optional, Tuple
 
 from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
-# Backbone-relative names (prefixes) that belong to layer 0.
-LAYER0_PREFIXES = ('patch_embed1.', 'patch_embed2.', 'patch_embed3.', 'patch_embed4.', 'pos_embed',
-                   'blocks1.', 'blocks2.')
 NO_DECAY_NAMES = ('pos_embed', 'rel_pos_h', 'rel_pos_w')
-_BLOCK3 = re.compile(r'^blocks3\.(\d+)\.')
-
-
-def get_convmae_layer_id(name: str, num_layers: int, backbone_prefix: Optional[str] = 'backbone.') -> int:
-    """Layer id of parameter ``name`` (a full name in the model).
-
-    ``backbone_prefix`` is the prefix of the backbone's parameters in the model (``''`` for a bare
-    ConvMAE); parameters without it are neck/head parameters, layer ``num_layers + 1``.
-    """
-    if backbone_prefix is None or not name.startswith(backbone_prefix):
-        return num_layers + 1
-    rel = name[len(backbone_prefix):]
-    if rel.startswith(LAYER0_PREFIXES):
-        return 0
-    match = _BLOCK3.match(rel)
-    if match:
-        return int(match.group(1)) + 1
-    return num_layers + 1
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
@@ -85,7 +64,7 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         backbone = getattr(module, 'backbone', None)
         if isinstance(backbone, nn.Module):
             return backbone, 'backbone.'
-        if hasattr(module, 'blocks3') and hasattr(module, 'patch_embed1'):
+        if hasattr(module, 'get_layer_id'):
             return module, ''
         raise TypeError(f'{type(module).__name__} has neither a ConvMAE backbone at .backbone nor is a ConvMAE')
 
@@ -108,7 +87,8 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         for name, param in module.named_parameters(prefix=prefix.rstrip('.')):
             if not param.requires_grad:
                 continue
-            layer_id = get_convmae_layer_id(name, num_layers, prefix + backbone_prefix)
+            rel = name[len(prefix + backbone_prefix):] if name.startswith(prefix + backbone_prefix) else None
+            layer_id = num_layers + 1 if rel is None else backbone.get_layer_id(rel)
             no_decay = is_no_decay(name, param)
             key = f'layer_{layer_id}_{"no_decay" if no_decay else "decay"}'
             if key not in groups:

@@ -12,8 +12,10 @@ def _register(registry, cls) -> None:
 
 def register_all() -> None:
     """Register ``ConvMAE`` in mmengine's, mmdet's and mmseg's MODELS (where installed) and the pretrainer
-    in mmengine's MODELS; the layer-decay optimizer-wrapper constructor in all three OPTIM_WRAPPER_CONSTRUCTORS.
+    in mmengine's MODELS; the layer-decay optimizer-wrapper constructor in all three OPTIM_WRAPPER_CONSTRUCTORS;
+    the pretraining dataset, transforms and hooks; and our safe loader as mmengine's local checkpoint loader.
     Safe to call more than once."""
+    from .checkpoint import register_safe_mmengine_loader
     from .models import ConvMAE, ConvMAEPretrainer
     from .optim import ConvMAELayerDecayOptimWrapperConstructor
     for cls in (ConvMAE, ConvMAEPretrainer):
@@ -27,6 +29,9 @@ def register_all() -> None:
         _register(registry.MODELS, ConvMAE)
         _register(registry.OPTIM_WRAPPER_CONSTRUCTORS, ConvMAELayerDecayOptimWrapperConstructor)
     _register_training_components()
+    # At import, because configs load us through custom_imports, the only hook that runs before the Runner
+    # reads `load_from` / `--resume` checkpoints (which mmengine 0.10's own loader refuses under torch >= 2.6).
+    register_safe_mmengine_loader()
 
 
 def _register_training_components() -> None:

@@ -87,8 +87,8 @@ def test_pos_embed_is_interpolated_bicubic_to_the_input_grid():
     x = torch.randn(1, 3, 320, 256)
     with torch.no_grad():
         model(x)
-        s2 = model.conv_stage(2, model.conv_stage(1, x))
-        tokens = model.patch_embed4(model.patch_embed3(s2).flatten(2).transpose(1, 2))
+        s2 = model.conv_stage(2, model.conv_stage(1, x.permute(0, 2, 3, 1)))
+        tokens = model.patch_embed4(model.patch_embed3(s2).flatten(1, 2))
     grid = model.pos_embed.reshape(1, 14, 14, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(20, 16), mode='bicubic', align_corners=False)
     expected = expected.permute(0, 2, 3, 1).reshape(1, 320, -1)

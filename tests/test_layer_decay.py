@@ -10,7 +10,6 @@ from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAE, ConvMAELayerDecayOptimWrapperConstructor
-from convmae_backbone.optim import get_convmae_layer_id
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SEG_CONFIG = osp.join(REPO, 'configs', 'mmseg', 'upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
@@ -117,10 +116,11 @@ def test_bare_convmae_and_layer_ids():
     optim_wrapper.step()
     assert not torch.equal(before, model.blocks3[2].attn.proj.weight)
 
-    assert get_convmae_layer_id('backbone.blocks3.7.attn.qkv.weight', 11) == 8
-    assert get_convmae_layer_id('backbone.blocks2.0.attn.weight', 11) == 0
-    assert get_convmae_layer_id('neck.lateral_convs.0.conv.weight', 11) == 12
-    assert get_convmae_layer_id('blocks3.0.norm1.weight', 11, backbone_prefix='') == 1
+    assert model.get_layer_id('blocks3.2.attn.qkv.weight') == 3
+    assert model.get_layer_id('blocks2.0.attn.weight') == 0
+    assert model.get_layer_id('patch_embed4.weight') == model.get_layer_id('pos_embed') == 0
+    assert model.get_layer_id('fc_norm.weight') == 4  # outside the encoder: num_layers + 1
+    assert model.get_layer_id('blocks3.0.norm1.weight') == 1
 
 
 def test_frozen_params_are_left_out_and_bad_configs_fail():

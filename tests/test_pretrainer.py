@@ -1,10 +1,10 @@
-"""The pretrainer's API: keys, masking, any grid, losses, input validation (parity is in test_parity.py)."""
+"""The pretrainer's API: keys, masking, any grid, losses, input validation (parity is in test_sparse.py)."""
 import pytest
 import torch
 
-from convmae_backbone import ConvMAEPretrainer
-from convmae_backbone.models.utils import (get_2d_sincos_pos_embed, patchify, random_mask, unpatchify,
-                                           upsample_mask)
+from convmae_backbone import BlockMask, ConvMAEPretrainer
+from convmae_backbone.models.masking import random_mask, upsample_mask
+from convmae_backbone.models.utils import get_2d_sincos_pos_embed, patchify, unpatchify
 
 
 @pytest.fixture
@@ -65,18 +65,18 @@ def test_non_224_grid_uses_sincos_of_the_actual_grid(model):
     mask[0, 5:] = True
     _, pred, _ = model.forward_mae(imgs, mask)
     assert pred.shape == (1, 15, 768)
-    s2 = model.conv_stage(2, model.conv_stage(1, imgs, upsample_mask(~mask, (5, 3), 4).double()),
-                          upsample_mask(~mask, (5, 3), 2).double())
-    tokens = model.patch_embed4(model.patch_embed3(s2).flatten(2).transpose(1, 2))
+    dense = BlockMask(mask, (5, 3))  # the dense path over the whole masked image
+    s2 = model.conv_stage(2, model.conv_stage(1, imgs.permute(0, 2, 3, 1), dense), dense)
+    tokens = model.patch_embed4(model.patch_embed3(s2).flatten(1, 2))
     pos = get_2d_sincos_pos_embed(96, (5, 3))
     torch.testing.assert_close(seen['x'][0], (tokens + pos)[0, :5])
 
 
 def test_patchify_roundtrip_and_order():
     imgs = torch.randn(2, 3, 32, 48)
-    x = patchify(imgs)
+    x = patchify(imgs, 16)
     assert x.shape == (2, 6, 768)
-    assert torch.equal(unpatchify(x, (2, 3)), imgs)
+    assert torch.equal(unpatchify(x, (2, 3), 16), imgs)
     # patch (0, 1), pixel (row 2, col 5), channel 1
     assert x[0, 1, (2 * 16 + 5) * 3 + 1] == imgs[0, 1, 2, 16 + 5]
 
@@ -88,7 +88,7 @@ def test_loss_types(small_arch, small_decoder, official, loss_type, norm_pix):
     m.load_state_dict(official['state_dict'])
     imgs, mask = official['images'].double(), official['mask']
     loss, pred, _ = m.forward_mae(imgs, mask)
-    target = patchify(imgs)
+    target = patchify(imgs, 16)
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
     err = (pred - target).abs() if loss_type == 'l1' else (pred - target) ** 2

@@ -1,13 +1,16 @@
 """Sparse stage-1/2 pretraining path and fused attention: both must give the reference results."""
+import copy
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from convmae_backbone.models import ConvMAEPretrainer
-from convmae_backbone.models.layers import Attention, TransformerBlock
-from convmae_backbone.models.utils import random_mask
+from convmae_backbone.models import BlockMask, ConvMAEPretrainer
+from convmae_backbone.models.attention import Attention, TransformerBlock
+from convmae_backbone.models.conv_blocks import ConvBlock
+from convmae_backbone.models.masking import random_mask
+from convmae_backbone.models.reference import ExplicitAttention, with_explicit_attention
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'official_convmae_small.pt')
 SMALL = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=4,
@@ -50,7 +53,7 @@ def test_official_parity(official, sparse, norm_pix_loss):
     for name, grad in official[f'grads_{tag}'].items():
         assert rel_err(params[name].grad, grad) < 1e-6, name
     with torch.no_grad():
-        latent = model.forward_encoder(imgs, mask, (14, 14))
+        latent = model.forward_encoder(imgs, BlockMask(mask, (14, 14)))
     assert rel_err(latent, official[f'latent_{tag}']) < 1e-6
 
 
@@ -76,7 +79,7 @@ def test_sparse_equals_dense_non_square_grid():
     for model in (sparse, dense):
         loss, pred, _ = model.forward_mae(imgs, mask)
         loss.backward()
-        latent = model.forward_encoder(imgs, mask, (4, 6))
+        latent = model.forward_encoder(imgs, BlockMask(mask, (4, 6)))
         outs.append((loss, pred, latent, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (ls, ps, lat_s, gs), (ld, pd, lat_d, gd) = outs
     assert rel_err(ls, ld) < 1e-12
@@ -118,17 +121,18 @@ def test_fused_attention_equals_explicit(window, monkeypatch):
     with torch.no_grad():
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.3)
+    explicit_block = with_explicit_attention(copy.deepcopy(block))
+    assert type(explicit_block.attn) is ExplicitAttention
     x = torch.randn(2, hw[0] * hw[1], 32, dtype=torch.float64, requires_grad=True)
 
-    def run(fused: bool):
-        block.attn.fused = fused
+    def run(blk):
         x.grad = None
-        block.zero_grad()
-        out = block(x, hw)
+        blk.zero_grad()
+        out = blk(x, hw)
         out.square().sum().backward()
-        return out.detach(), x.grad.clone(), block.attn.rel_pos_h.grad.clone()
+        return out.detach(), x.grad.clone(), blk.attn.rel_pos_h.grad.clone()
 
-    explicit = run(False)
+    explicit = run(explicit_block)
     assert explicit[0].abs().max() > 0
     # chunk queries to 2 grid rows: the largest mask is (batch, heads, 2 rows, all keys)
     n_keys = 16 if window else hw[0] * hw[1]
@@ -144,7 +148,7 @@ def test_fused_attention_equals_explicit(window, monkeypatch):
         return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(F, 'scaled_dot_product_attention', recording_sdpa)
-    fused = run(True)
+    fused = run(block)
     assert len(sizes) > 1 and max(sizes) <= limit
     for a, b in zip(fused, explicit):
         assert rel_err(a, b) < 1e-12
@@ -163,28 +167,26 @@ def test_fused_attention_float32_flash_kernel():
     with torch.no_grad():
         attn.rel_pos_h.normal_(std=0.5)
         attn.rel_pos_w.normal_(std=0.5)
+    explicit = ExplicitAttention(64, 4, use_rel_pos=True, rel_pos_size=(12, 12))
+    explicit.load_state_dict(attn.state_dict())
     x = torch.randn(2, 144, 64)
-    attn.fused = False
-    ref = attn(x, (12, 12))
-    attn.fused = True
-    assert rel_err(attn(x, (12, 12)), ref) < 1e-5
+    assert rel_err(attn(x, (12, 12)), explicit(x, (12, 12))) < 1e-5
 
 
 def test_conv_block_inference_slabs_equal_full_map(monkeypatch):
     """Eval-mode ConvBlock without autograd (MLP in slabs of rows, as for 1024x1024 backbone inputs) equals the
     autograd forward on the whole map."""
-    from convmae_backbone.models.layers import ConvBlock
     torch.manual_seed(5)
     block = ConvBlock(16).double().eval()
     with torch.no_grad():
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.2)
-    x = torch.randn(2, 16, 13, 9, dtype=torch.float64)
+    x = torch.randn(2, 13, 9, 16, dtype=torch.float64)  # channels last
     ref = block(x)  # grad enabled: whole map
     monkeypatch.setattr(ConvBlock, 'mlp_slab_numel', 2 * 9 * 64 * 3)  # 3 rows per slab, last one partial
     calls = []
-    fc1_forward = block.mlp.fc1.forward
-    monkeypatch.setattr(block.mlp.fc1, 'forward', lambda t: calls.append(t.shape[2]) or fc1_forward(t))
+    mlp_forward = block.mlp.forward
+    monkeypatch.setattr(block.mlp, 'forward', lambda t: calls.append(t.shape[1]) or mlp_forward(t))
     with torch.no_grad():
         out = block(x)
     assert calls == [3, 3, 3, 3, 1]
@@ -192,12 +194,12 @@ def test_conv_block_inference_slabs_equal_full_map(monkeypatch):
 
 
 def test_sparse_with_activation_checkpointing(monkeypatch):
-    """with_cp checkpoints the sparse conv blocks too (a bound method and a VisibleGrid as arguments)."""
+    """with_cp checkpoints the sparse conv blocks too (with a BlockMask as argument)."""
     from convmae_backbone.models import convvit
     checkpointed = []
     checkpoint = convvit.cp.checkpoint
     monkeypatch.setattr(convvit.cp, 'checkpoint',
-                        lambda fn, *a, **k: checkpointed.append(getattr(fn, '__name__', '')) or checkpoint(fn, *a, **k))
+                        lambda fn, *a, **k: checkpointed.append(type(fn).__name__) or checkpoint(fn, *a, **k))
     plain = random_pretrainer(True)
     torch.manual_seed(0)
     ckpt = ConvMAEPretrainer(img_size=64, **SMALL, sparse=True, with_cp=True).double()
@@ -210,7 +212,7 @@ def test_sparse_with_activation_checkpointing(monkeypatch):
         loss = model.forward_mae(imgs, mask)[0]
         loss.backward()
         losses.append(loss)
-    assert checkpointed.count('forward_sparse') == 2  # blocks1[0] and blocks2[0], in the with_cp model only
+    assert checkpointed.count('ConvBlock') == 2  # blocks1[0] and blocks2[0], in the with_cp model only
     assert rel_err(losses[1], losses[0]) < 1e-14
     grad_plain = plain.blocks1[0].attn.weight.grad
     assert grad_plain.abs().max() > 0

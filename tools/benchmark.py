@@ -141,7 +141,7 @@ def build_pretrain_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
 def worker_pretrain(cfg: dict) -> dict:
     """One variant (sparse / dense) of the pretraining step: forward_mae + backward + optimizer step."""
     from convmae_backbone.models import ConvMAEPretrainer
-    from convmae_backbone.models.utils import random_mask
+    from convmae_backbone.models.masking import random_mask
     device, size, batch = cfg['device'], cfg['img_size'], cfg['batch']
     torch.manual_seed(0)
     arch, dec = (TINY, TINY_DECODER) if cfg['quick'] else (BASE, BASE_DECODER)
@@ -171,16 +171,18 @@ def worker_pretrain(cfg: dict) -> dict:
 def worker_backbone(cfg: dict) -> dict:
     """One variant (fused / explicit attention) of the ConvMAE-Base backbone forward (inference)."""
     from convmae_backbone.models import ConvMAE
-    from convmae_backbone.models.layers import Attention
+    from convmae_backbone.models.attention import Attention
+    from convmae_backbone.models.reference import with_explicit_attention
     device, size = cfg['device'], cfg['backbone_size']
     torch.manual_seed(0)
     arch = TINY if cfg['quick'] else BASE
     global_blocks = (0, 1) if cfg['quick'] else (0, 3, 6, 10)
     model = ConvMAE(img_size=size, **arch, window_size=cfg['window'], global_attn_indexes=global_blocks,
                     use_rel_pos_bias=True, out_indices=(0, 1, 2, 3)).to(device).eval()
+    if cfg['variant'] == 'explicit':
+        with_explicit_attention(model)
     for m in model.modules():
         if isinstance(m, Attention):
-            m.fused = cfg['variant'] == 'fused'
             with torch.no_grad():  # non-zero relative position tables, as after training
                 m.rel_pos_h.normal_(std=0.02)
                 m.rel_pos_w.normal_(std=0.02)

@@ -268,7 +268,8 @@ def infer_backbone(path: str, num_heads: Optional[int] = None) -> dict:
     mmengine checkpoint records in ``meta.cfg``, else from the pretraining config in configs/pretrain/ with
     the same architecture, else 32-channel heads are assumed.
     """
-    from convmae_backbone.checkpoint import extract_state_dict, safe_torch_load
+    from convmae_backbone.checkpoint import safe_torch_load
+    from convmae_backbone.models.weights import extract_state_dict
     ckpt = safe_torch_load(path)
     state = extract_state_dict(ckpt)
     dims = tuple(int(state[f'patch_embed{i}.proj.weight'].shape[0]) for i in (1, 2, 3))

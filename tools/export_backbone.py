@@ -15,18 +15,15 @@ from typing import Dict, List, Optional
 import torch
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from convmae_backbone.checkpoint import (PRETRAIN_ONLY_PREFIXES, CheckpointError,  # noqa: E402
-                                         extract_state_dict, safe_torch_load)
+from convmae_backbone.checkpoint import CheckpointError, safe_torch_load  # noqa: E402
 from convmae_backbone.engine import atomic_write  # noqa: E402
-
-ENCODER_PREFIXES = ('patch_embed1.', 'patch_embed2.', 'patch_embed3.', 'patch_embed4.', 'pos_embed',
-                    'blocks1.', 'blocks2.', 'blocks3.')
+from convmae_backbone.models import ConvViT  # noqa: E402
+from convmae_backbone.models.weights import extract_state_dict  # noqa: E402
 
 
 def encoder_state_dict(state: Dict[str, torch.Tensor], source: str = 'checkpoint') -> Dict[str, torch.Tensor]:
     """The encoder weights of a full ConvMAE state dict; raises CheckpointError if there are none."""
-    encoder = OrderedDict((k, v) for k, v in state.items()
-                          if k.startswith(ENCODER_PREFIXES) and not k.startswith(PRETRAIN_ONLY_PREFIXES))
+    encoder = OrderedDict((k, v) for k, v in state.items() if ConvViT.stage_of(k) is not None)
     if not any(k.startswith('blocks3.') for k in encoder) or 'pos_embed' not in encoder:
         raise CheckpointError(f'{source} holds no ConvMAE encoder (keys such as pos_embed, blocks3.*); '
                               f'first keys: {list(state)[:5]}')

@@ -23,9 +23,11 @@ from PIL import Image
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 import convmae_backbone  # noqa: E402,F401
-from convmae_backbone.checkpoint import CheckpointError, extract_state_dict, safe_torch_load  # noqa: E402
+from convmae_backbone.checkpoint import CheckpointError, safe_torch_load  # noqa: E402
 from convmae_backbone.data import to_rgb8  # noqa: E402
-from convmae_backbone.models.utils import PATCH, patchify, unpatchify, upsample_mask  # noqa: E402
+from convmae_backbone.models.masking import upsample_mask  # noqa: E402
+from convmae_backbone.models.utils import patchify, unpatchify  # noqa: E402
+from convmae_backbone.models.weights import extract_state_dict  # noqa: E402
 
 
 def find_config(ckpt_path: str, ckpt: dict, config: Optional[str]) -> Config:
@@ -75,13 +77,14 @@ def reconstruct(model, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
     x = pre(dict(inputs=list(images)), False)['inputs']  # normalised float (B, 3, H, W)
     generator = torch.Generator().manual_seed(seed)
     _, pred, mask = model.forward_mae(x, generator=generator)  # pred (B, L, 768), mask (B, L) True=masked
-    hw = (x.shape[2] // PATCH, x.shape[3] // PATCH)
+    p = model.patch_size
+    hw = (x.shape[2] // p, x.shape[3] // p)
     if model.norm_pix_loss:
-        target = patchify(x)
+        target = patchify(x, p)
         mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
         pred = pred * (var + 1.0e-6) ** 0.5 + mean
-    recon = unpatchify(pred, hw, channels=x.shape[1])
-    pixel_mask = upsample_mask(mask.to(x.dtype), hw, PATCH)  # (B, 1, H, W), 1 = masked
+    recon = unpatchify(pred, hw, p, channels=x.shape[1])
+    pixel_mask = upsample_mask(mask.to(x.dtype), hw, p)  # (B, 1, H, W), 1 = masked
 
     def to_uint8(t: torch.Tensor) -> torch.Tensor:
         return (t * pre.std + pre.mean).round().clamp(0, 255).to(torch.uint8)
@@ -116,9 +119,9 @@ def main(argv: Optional[List[str]] = None) -> str:
     parser.add_argument('--scale', type=int, default=1, help='integer upscaling of the PNG')
     args = parser.parse_args(argv)
     model = build_model(args.checkpoint, args.config, args.mask_ratio)
-    size = args.img_size or model.pos_grid[0] * PATCH
-    if size % PATCH:
-        parser.error(f'--img-size must be a multiple of {PATCH}, got {size}')
+    size = args.img_size or model.pos_grid[0] * model.patch_size
+    if size % model.patch_size:
+        parser.error(f'--img-size must be a multiple of {model.patch_size}, got {size}')
     images = torch.stack([load_square(p, size) for p in args.images])
     width, height = save_grid(reconstruct(model, images, args.seed), args.out, args.scale)
     print(f'wrote {args.out} ({width}x{height}, {len(args.images)} image(s), mask ratio {model.mask_ratio})')

@@ -4,7 +4,6 @@ from typing import Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint import load_encoder_weights
 from .convvit import ConvViT
 
 
@@ -12,15 +11,15 @@ class ConvMAE(ConvViT):
     """ConvMAE (MCMAE) multi-scale backbone for detection and segmentation.
 
     Takes (B, C, H, W) with any H, W >= 32 and returns NCHW maps for ``out_indices``: 0 at H/4, 1 at H/8,
-    2 at H/16 and 3, an extra H/32 map max-pooled from the H/16 one. The map at stride s is
-    ceil(H/s) x ceil(W/s) (inputs are zero-padded to multiples of 16 and the outputs cropped back).
+    2 at H/16 and 3, an extra H/32 map max-pooled from the H/16 one (strides for the paper's patch sizes).
+    The map at stride s is ceil(H/s) x ceil(W/s) (inputs are zero-padded to multiples of 16 and the outputs
+    cropped back).
 
     Args (beyond :class:`ConvViT`'s):
         out_indices: which of the four maps to return.
-        frozen_stages: -1 freezes nothing; k in 1..3 freezes stages 1..k (their patch embeddings and blocks;
-            stage 3 includes ``patch_embed4`` and ``pos_embed``); 0 freezes only ``patch_embed1``.
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads official pretraining or fine-tuned
-            checkpoints, this project's checkpoints, exported backbone weights and mmdet/mmseg checkpoints.
+        frozen_stages: -1 freezes nothing; k in 0..3 freezes every module and parameter of stages 0..k
+            (:attr:`ConvViT.STAGE_OF`: 0 is ``patch_embed1``; stage 3 includes ``patch_embed4`` and
+            ``pos_embed``).
     """
 
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1, **kwargs):
@@ -32,36 +31,25 @@ class ConvMAE(ConvViT):
             raise ValueError(f'frozen_stages must be in -1..3, got {frozen_stages}')
         self.out_indices = out_indices
         self.frozen_stages = frozen_stages
-        self.in_channels = self.patch_embed1.proj.in_channels
         self._freeze_stages()
 
     def init_weights(self) -> None:
-        cfg = self.init_cfg or {}
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_encoder_weights(self, cfg['checkpoint'])
-        else:
-            self._init_encoder_weights()
-        self._is_init = True
+        super().init_weights()
         self._freeze_stages()
 
-    def _frozen_modules(self):
-        groups = [
-            [self.patch_embed1],
-            [self.blocks1],
-            [self.patch_embed2, self.blocks2],
-            [self.patch_embed3, self.patch_embed4, self.blocks3],
-        ]
-        return [m for g in groups[:self.frozen_stages + 1] for m in g]
+    def _is_frozen(self, name: str) -> bool:
+        stage = self.stage_of(name)
+        return stage is not None and stage <= self.frozen_stages
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        for m in self._frozen_modules():
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad = False
-        if self.frozen_stages >= 3:
-            self.pos_embed.requires_grad = False
+        for name, module in self.named_children():
+            if self._is_frozen(name):
+                module.eval()
+        for name, param in self.named_parameters():
+            if self._is_frozen(name):
+                param.requires_grad = False
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -72,8 +60,9 @@ class ConvMAE(ConvViT):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'ConvMAE expects images of shape (B, {self.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
-        if x.shape[2] < 32 or x.shape[3] < 32:
-            raise ValueError(f'ConvMAE expects H and W of at least 32 pixels, got {tuple(x.shape[2:])}')
+        if min(x.shape[2:]) < 2 * self.patch_size:
+            raise ValueError(f'ConvMAE expects H and W of at least {2 * self.patch_size} pixels, got '
+                             f'{tuple(x.shape[2:])}')
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x)
@@ -81,8 +70,5 @@ class ConvMAE(ConvViT):
         maps = list(self.forward_features(self.pad_to_patch(x)))
         if 3 in self.out_indices:
             maps.append(F.max_pool2d(maps[2], kernel_size=2, stride=2, ceil_mode=True))
-        outs = []
-        for i in self.out_indices:
-            s = 4 * 2 ** i
-            outs.append(maps[i][:, :, :-(-h // s), :-(-w // s)])
-        return tuple(outs)
+        strides = (*self.strides, 2 * self.patch_size)
+        return tuple(maps[i][:, :, :-(-h // strides[i]), :-(-w // strides[i])] for i in self.out_indices)

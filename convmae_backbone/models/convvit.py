@@ -1,5 +1,7 @@
 """ConvViT: the ConvMAE encoder, one definition shared by the ``ConvMAE`` backbone and the pretrainer."""
-from typing import Optional, Sequence, Tuple, Union
+import math
+import re
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -8,10 +10,10 @@ from mmengine.model import BaseModule
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from .layers import ConvBlock, PatchEmbed, TransformerBlock, VisibleGrid
-from .utils import PATCH, resize_pos_embed
-
-PATCH_SIZES = (4, 2, 2)
+from .attention import TransformerBlock
+from .conv_blocks import ConvBlock, PatchEmbed
+from .masking import BlockMask
+from .utils import resize_pos_embed
 
 
 def _to_tuple3(value: Union[float, Sequence[float]], name: str) -> Tuple:
@@ -27,10 +29,13 @@ class ConvViT(BaseModule):
 
     Stage 1 and 2 are :class:`ConvBlock` stacks at H/4 and H/8, stage 3 is :class:`TransformerBlock` s at H/16
     with an absolute position embedding learnt (or fixed) on the ``img_size // 16`` grid. Parameter names are
-    the official ones: ``patch_embed1..4``, ``pos_embed``, ``blocks1..3``.
+    the official ones: ``patch_embed1..4``, ``pos_embed``, ``blocks1..3``. Stage-1/2 features are channels
+    last, dense (B, H, W, C) or, in sparse pretraining, the visible blocks (B, Lv, S, S, C) (see
+    :mod:`.masking`).
 
     Args:
         img_size: image size the position embedding grid corresponds to (int or (h, w)).
+        patch_sizes: strides of the three patch embeddings; a stage-3 token covers their product in pixels.
         embed_dims: channels of stages 1-3.
         depths: blocks per stage.
         num_heads: attention heads in stage 3.
@@ -41,11 +46,21 @@ class ConvViT(BaseModule):
         use_rel_pos_bias: decomposed relative position bias in stage-3 attention.
         layer_scale_init_value: > 0 adds per-channel layer scale (``gamma_1``/``gamma_2``) to stage-3 blocks.
         with_cp: activation checkpointing of every block while training.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ConvMAE weights of any supported format
+            (:func:`convmae_backbone.models.weights.load_pretrained`); otherwise random initialisation.
     """
+
+    #: Which stage every top-level module or parameter of the encoder belongs to (0: the stem
+    #: ``patch_embed1``). The one table behind freezing (``frozen_stages``), layer ids for layer-wise lr decay
+    #: and backbone export; names not in it are not part of the encoder.
+    STAGE_OF: Dict[str, int] = {
+        'patch_embed1': 0, 'blocks1': 1, 'patch_embed2': 2, 'blocks2': 2,
+        'patch_embed3': 3, 'patch_embed4': 3, 'pos_embed': 3, 'blocks3': 3}
 
     def __init__(self,
                  img_size: Union[int, Tuple[int, int]] = 224,
                  in_channels: int = 3,
+                 patch_sizes: Sequence[int] = (4, 2, 2),
                  embed_dims: Sequence[int] = (256, 384, 768),
                  depths: Sequence[int] = (2, 2, 11),
                  num_heads: int = 12,
@@ -59,21 +74,24 @@ class ConvViT(BaseModule):
                  init_cfg: Optional[dict] = None,
                  **base_kwargs):
         super().__init__(init_cfg=init_cfg, **base_kwargs)
+        patch_sizes = tuple(int(p) for p in _to_tuple3(patch_sizes, 'patch_sizes'))
         embed_dims = tuple(int(d) for d in _to_tuple3(embed_dims, 'embed_dims'))
         depths = tuple(int(d) for d in _to_tuple3(depths, 'depths'))
         mlp_ratios = _to_tuple3(mlp_ratios, 'mlp_ratios')
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if img_size[0] % PATCH or img_size[1] % PATCH:
-            raise ValueError(f'img_size must be a multiple of {PATCH}, got {img_size}')
+        self.patch_size = math.prod(patch_sizes)
+        if img_size[0] % self.patch_size or img_size[1] % self.patch_size:
+            raise ValueError(f'img_size must be a multiple of {self.patch_size}, got {img_size}')
         bad = [i for i in global_attn_indexes if not 0 <= i < depths[2]]
         if bad:
             raise ValueError(f'global_attn_indexes {bad} out of range for {depths[2]} stage-3 blocks')
-        self.embed_dims, self.depths, self.with_cp = embed_dims, depths, with_cp
-        self.pos_grid = (img_size[0] // PATCH, img_size[1] // PATCH)
+        self.patch_sizes, self.embed_dims, self.depths, self.with_cp = patch_sizes, embed_dims, depths, with_cp
+        self.in_channels = in_channels
+        self.pos_grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
 
-        self.patch_embed1 = PatchEmbed(in_channels, embed_dims[0], PATCH_SIZES[0])
-        self.patch_embed2 = PatchEmbed(embed_dims[0], embed_dims[1], PATCH_SIZES[1])
-        self.patch_embed3 = PatchEmbed(embed_dims[1], embed_dims[2], PATCH_SIZES[2])
+        self.patch_embed1 = PatchEmbed(in_channels, embed_dims[0], patch_sizes[0])
+        self.patch_embed2 = PatchEmbed(embed_dims[0], embed_dims[1], patch_sizes[1])
+        self.patch_embed3 = PatchEmbed(embed_dims[1], embed_dims[2], patch_sizes[2])
         self.patch_embed4 = nn.Linear(embed_dims[2], embed_dims[2])
         self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dims[2]))
 
@@ -89,7 +107,35 @@ class ConvViT(BaseModule):
                              layer_scale_init_value=layer_scale_init_value)
             for i in range(depths[2]))
 
-    def _init_encoder_weights(self) -> None:
+    # ------------------------------------------------------------------------------------ stage membership
+    @classmethod
+    def stage_of(cls, name: str) -> Optional[int]:
+        """The stage (0..3) of an encoder parameter, buffer or module ``name`` (relative to the encoder), or None
+        for names outside the encoder (decoder, fusion, heads)."""
+        return cls.STAGE_OF.get(name.split('.', 1)[0])
+
+    def get_layer_id(self, name: str) -> int:
+        """Layer id for layer-wise lr decay, as in the official code: 0 for the patch embeddings, the position
+        embedding and the convolutional stages 1-2; ``i + 1`` for ``blocks3.i``; ``depths[2] + 1`` for anything
+        outside the encoder."""
+        stage = self.stage_of(name)
+        if stage is None:
+            return self.depths[2] + 1
+        match = re.match(r'blocks3\.(\d+)(\.|$)', name)
+        return int(match.group(1)) + 1 if match else 0
+
+    # ------------------------------------------------------------------------------------------ weights
+    def init_weights(self) -> None:
+        """Load ``init_cfg``'s checkpoint (``type='Pretrained'``) or initialise at random."""
+        cfg = self.init_cfg or {}
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            from .weights import load_pretrained
+            load_pretrained(self, cfg['checkpoint'])
+        else:
+            self.init_random_weights()
+        self._is_init = True
+
+    def init_random_weights(self) -> None:
         """Random initialisation as in the reference: trunc-normal Linear weights, LayerNorm to identity."""
         trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():
@@ -101,41 +147,38 @@ class ConvViT(BaseModule):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def _block(self, blk, x: Tensor, *args) -> Tensor:
-        """Run ``blk(x, *args)`` (a module or a bound method), checkpointed when ``with_cp`` and training."""
+    # ------------------------------------------------------------------------------------------ forward
+    def _block(self, blk: nn.Module, x: Tensor, *args) -> Tensor:
+        """Run ``blk(x, *args)``, checkpointed when ``with_cp`` and training."""
         if self.with_cp and self.training and x.requires_grad:
             return cp.checkpoint(blk, x, *args, use_reentrant=False)
         return blk(x, *args)
 
-    def conv_stage(self, stage: int, x: Tensor, visible: Optional[Tensor] = None) -> Tensor:
-        """Patch embedding + conv blocks of stage 1 or 2: (B, C_prev, H, W) -> (B, C, H/s, W/s)."""
+    def conv_stage(self, stage: int, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:
+        """Patch embedding + conv blocks of stage 1 or 2 on channels-last features of either layout:
+        (B, H, W, C_prev) -> (B, H/p, W/p, C), or (B, Lv, S, S, C_prev) -> (B, Lv, S/p, S/p, C)."""
         x = (self.patch_embed1 if stage == 1 else self.patch_embed2)(x)
         for blk in (self.blocks1 if stage == 1 else self.blocks2):
-            x = self._block(blk, x, visible)
+            x = self._block(blk, x, mask)
         return x
 
-    def conv_stage_sparse(self, stage: int, x: Tensor, grid: VisibleGrid) -> Tensor:
-        """Stage 1 or 2 on the visible positions of a block-wise mask (see :class:`VisibleGrid`).
+    def pos_embed_for(self, grid: Tuple[int, int]) -> Tensor:
+        """(1, h*w, C3) position embedding of a token grid: the learnt one, resized bicubically when the grid is
+        not the one it was learnt on."""
+        return resize_pos_embed(self.pos_embed, self.pos_grid, grid)
 
-        Stage 1: visible 16x16 pixel patches (B, Lv, 16, 16, C_in) -> (B, Lv, 4, 4, C1);
-        stage 2: (B, Lv, 4, 4, C1) -> (B, Lv, 2, 2, C2). Equals :meth:`conv_stage` with the mask, at those positions.
+    def stage3_tokens(self, s2: Tensor, mask: Optional[BlockMask] = None) -> Tuple[Tensor, Tuple[int, int]]:
+        """Stage-2 features -> stage-3 input tokens with position embedding, and the token grid.
+
+        s2 dense (B, H/8, W/8, C2) -> (B, L, C3), or only the visible tokens (B, Lv, C3) when a mask is given;
+        sparse (B, Lv, 2, 2, C2) -> (B, Lv, C3).
         """
-        x = (self.patch_embed1 if stage == 1 else self.patch_embed2).forward_blocks(x)
-        for blk in (self.blocks1 if stage == 1 else self.blocks2):
-            x = self._block(blk.forward_sparse, x, grid)
-        return x
-
-    def stage3_tokens(self, x: Tensor, pos_embed: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[int, int]]:
-        """Stage-2 map (B, C2, H/8, W/8) -> stage-3 input tokens (B, L, C3) with position embedding, and the grid.
-
-        Without ``pos_embed`` the learnt one is resized (bicubic) from the pretraining grid to the input grid.
-        """
-        x = self.patch_embed3(x)
-        hw = (x.shape[2], x.shape[3])
-        x = self.patch_embed4(x.flatten(2).transpose(1, 2))
-        if pos_embed is None:
-            pos_embed = resize_pos_embed(self.pos_embed, self.pos_grid, hw)
-        return x + pos_embed.to(x.dtype), hw
+        x = self.patch_embed3(s2)
+        if mask is None:
+            grid = (x.shape[1], x.shape[2])
+            return self.patch_embed4(x.flatten(1, 2)) + self.pos_embed_for(grid).to(x.dtype), grid
+        x = self.patch_embed4(mask.visible_tokens(x))
+        return x + mask.keep(self.pos_embed_for(mask.grid).to(x.dtype).expand(x.shape[0], -1, -1)), mask.grid
 
     def transformer_stage(self, x: Tensor, hw: Optional[Tuple[int, int]] = None) -> Tensor:
         """Stage-3 blocks over tokens (B, N, C3); ``hw`` when the tokens form a full grid."""
@@ -144,19 +187,24 @@ class ConvViT(BaseModule):
         return x
 
     def forward_features(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """Unmasked encoder on (B, 3, H, W), H and W multiples of 16 -> maps at H/4, H/8, H/16 (NCHW).
+        """Unmasked encoder on (B, C, H, W), H and W multiples of ``patch_size`` -> maps at H/4, H/8, H/16
+        (NCHW views of channels-last memory).
 
         Stage 3 is returned after its last block, without the pretraining ``norm``.
         """
-        s1 = self.conv_stage(1, x)
+        s1 = self.conv_stage(1, x.permute(0, 2, 3, 1))
         s2 = self.conv_stage(2, s1)
         tokens, hw = self.stage3_tokens(s2)
-        tokens = self.transformer_stage(tokens, hw)
-        s3 = tokens.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
-        return s1, s2, s3
+        s3 = self.transformer_stage(tokens, hw).reshape(x.shape[0], hw[0], hw[1], -1)
+        return s1.permute(0, 3, 1, 2), s2.permute(0, 3, 1, 2), s3.permute(0, 3, 1, 2)
 
-    @staticmethod
-    def pad_to_patch(x: Tensor) -> Tensor:
-        """Zero-pad (B, C, H, W) at the bottom/right to multiples of 16."""
-        pad_h, pad_w = (-x.shape[2]) % PATCH, (-x.shape[3]) % PATCH
+    @property
+    def strides(self) -> Tuple[int, int, int]:
+        """Pixels per position at the outputs of stages 1, 2 and 3 (4, 8, 16 for the paper's patch sizes)."""
+        p = self.patch_sizes
+        return p[0], p[0] * p[1], self.patch_size
+
+    def pad_to_patch(self, x: Tensor) -> Tensor:
+        """Zero-pad (B, C, H, W) at the bottom/right to multiples of ``patch_size``."""
+        pad_h, pad_w = (-x.shape[2]) % self.patch_size, (-x.shape[3]) % self.patch_size
         return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x

@@ -1,0 +1,167 @@
+"""Block-wise masking: everything ConvMAE pretraining does with the mask, in one place.
+
+Convention everywhere: a mask is a (B, L) bool tensor over the stage-3 token grid (h, w) in raster order,
+**True = masked**, with the same number of visible tokens in every row. One :class:`BlockMask` is made per
+step from it and passed down the encoder; it carries the indices the decoder needs and moves stage-1/2
+features between the two layouts the encoder runs on:
+
+* dense: channels-last maps over the whole image, (B, h*S, w*S, C), where masked positions are zeroed right
+  before every depthwise convolution (masked convolution, as the official code does);
+* sparse: only the positions under visible tokens, (B, Lv, S, S, C), S = 4 at H/4, 2 at H/8, 1 at H/16.
+
+All stage-1/2 layers act position-wise (channels last) except the depthwise convolution, so
+:func:`masked_depthwise_conv` is the only place where the two layouts differ (compare Hiera's
+``do_masked_conv``). Convolutions whose kernel equals their stride act on non-overlapping patches, so on
+either layout they are a reshape and a matrix product (:func:`conv_as_linear`).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BlockMask:
+    """A block-wise mask, made once per step.
+
+    Args:
+        mask: (B, L) bool, True = masked, L = h * w.
+        grid: the token grid (h, w).
+
+    Attributes:
+        mask: (B, L) bool, True = masked.
+        grid: (h, w).
+        num_visible: Lv, visible tokens per image.
+        ids_keep: (B, Lv) raster indices of the visible tokens, in raster order.
+        ids_restore: (B, L) position in ``[visible..., masked...]`` of every raster token.
+    """
+
+    def __init__(self, mask: Tensor, grid: Tuple[int, int]):
+        b = mask.shape[0]
+        h, w = grid
+        if mask.dim() != 2 or mask.shape[1] != h * w:
+            raise ValueError(f'mask must have shape (B, L) = ({b}, {h * w}) for a {h}x{w} token grid, got '
+                             f'{tuple(mask.shape)}')
+        mask = mask.bool()
+        visible = (~mask).sum(dim=1)
+        if (visible != visible[0]).any() or visible[0] == 0:
+            raise ValueError(f'every image needs the same, non-zero number of visible tokens; got {visible.tolist()}')
+        self.mask, self.grid = mask, (int(h), int(w))
+        self.num_visible = int(visible[0])
+        ids_shuffle = mask.to(torch.uint8).argsort(dim=1, stable=True)
+        self.ids_keep = ids_shuffle[:, :self.num_visible]
+        self.ids_restore = ids_shuffle.argsort(dim=1)
+        self._batch = torch.arange(b, device=mask.device)[:, None].expand_as(self.ids_keep)
+        self._rows = torch.div(self.ids_keep, w, rounding_mode='floor')
+        self._cols = self.ids_keep % w
+
+    @classmethod
+    def random(cls, batch: int, grid: Tuple[int, int], mask_ratio: float, device=None,
+               generator: Optional[torch.Generator] = None) -> 'BlockMask':
+        """Exactly ``int(L * (1 - mask_ratio))`` visible tokens per image, drawn independently per image."""
+        return cls(random_mask(batch, grid[0] * grid[1], mask_ratio, device, generator), grid)
+
+    # ------------------------------------------------------------------------------------- tokens (B, L, C)
+    def keep(self, x: Tensor) -> Tensor:
+        """(B, L, C) in raster order -> (B, Lv, C), the visible tokens."""
+        return gather_tokens(x, self.ids_keep)
+
+    def restore(self, x: Tensor) -> Tensor:
+        """(B, L, C) ordered ``[visible..., masked...]`` -> raster order."""
+        return gather_tokens(x, self.ids_restore)
+
+    def visible_tokens(self, x: Tensor) -> Tensor:
+        """Channels-last features at the token resolution, dense (B, h, w, C) or sparse (B, Lv, 1, 1, C) ->
+        the visible tokens (B, Lv, C) in raster order."""
+        return x.flatten(1, 3) if x.dim() == 5 else self.keep(x.flatten(1, 2))
+
+    # -------------------------------------------------------------------------------------------- maps
+    def upsample(self, scale: int) -> Tensor:
+        """(B, 1, h*scale, w*scale) bool, True at masked positions: every token's value repeated in a block."""
+        return upsample_mask(self.mask, self.grid, scale)
+
+    def zero_masked(self, x: Tensor) -> Tensor:
+        """Dense channels-last map (B, h*S, w*S, C) with masked positions set to zero."""
+        scale = x.shape[1] // self.grid[0]
+        keep = ~self.upsample(scale)[:, 0, :, :, None]  # (B, h*S, w*S, 1)
+        return x * keep.to(x.dtype)
+
+    def scatter(self, x: Tensor) -> Tensor:
+        """Sparse (B, Lv, S, S, C) -> dense channels-last (B, h*S, w*S, C), zeros at masked positions."""
+        b, _, s, _, c = x.shape
+        h, w = self.grid
+        dense = x.new_zeros(b, h, s, w, s, c)
+        # advanced indices on dims 0, 1, 3 around a slice: the indexed view is (B, Lv, S, S, C)
+        dense[self._batch, self._rows, :, self._cols] = x
+        return dense.view(b, h * s, w * s, c)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """Dense channels-last (B, h*S, w*S, C) -> sparse (B, Lv, S, S, C): the blocks under visible tokens."""
+        b, hs, ws, c = x.shape
+        h, w = self.grid
+        s = hs // h
+        if hs != h * s or ws != w * s:
+            raise ValueError(f'a {hs}x{ws} map is not a whole multiple of the {h}x{w} token grid')
+        return x.reshape(b, h, s, w, s, c)[self._batch, self._rows, :, self._cols]
+
+
+def masked_depthwise_conv(conv: nn.Conv2d, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:
+    """The depthwise convolution of a stage-1/2 block on channels-last features, masked.
+
+    x is dense (B, H, W, C) or sparse (B, Lv, S, S, C). Dense with a mask: masked positions are zeroed before
+    the convolution; sparse: the visible blocks are scattered into a zero-filled map, convolved and gathered
+    back. Both give the same values at visible positions, which never see masked content.
+    """
+    if x.dim() == 5:
+        if mask is None:
+            raise ValueError('sparse (B, Lv, S, S, C) features need their BlockMask')
+        return mask.gather(_conv_channels_last(conv, mask.scatter(x)))
+    if mask is not None:
+        x = mask.zero_masked(x)
+    return _conv_channels_last(conv, x)
+
+
+def _conv_channels_last(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv`` on a channels-last (B, H, W, C) map, through NCHW views of the same memory."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def split_blocks(x: Tensor, size: int) -> Tensor:
+    """(..., Sh, Sw, C) -> (..., Sh/size, Sw/size, size, size, C): non-overlapping size x size patches."""
+    *lead, s_h, s_w, c = x.shape
+    x = x.reshape(*lead, s_h // size, size, s_w // size, size, c)
+    n = len(lead)
+    return x.permute(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+
+
+def conv_as_linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """A Conv2d with kernel == stride (no padding, groups 1) on channels-last features of either layout.
+
+    x (..., Sh, Sw, C_in) with Sh, Sw multiples of the kernel k -> (..., Sh/k, Sw/k, C_out); identical to
+    ``conv`` on the corresponding NCHW map. The weight (C_out, C_in, k, k) is used as (C_out, k*k*C_in).
+    """
+    k = conv.kernel_size[0]
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    if k == 1:
+        return F.linear(x, weight, conv.bias)
+    return F.linear(split_blocks(x, k).flatten(-3), weight, conv.bias)
+
+
+def random_mask(batch: int, num_tokens: int, mask_ratio: float, device=None,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """(B, L) bool, True = masked, with exactly int(L * (1 - mask_ratio)) visible tokens in every row."""
+    num_visible = int(num_tokens * (1 - mask_ratio))
+    noise = torch.rand(batch, num_tokens, device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)
+    return rank >= num_visible
+
+
+def upsample_mask(mask: Tensor, grid: Tuple[int, int], scale: int) -> Tensor:
+    """(B, L) token mask on an (h, w) grid -> (B, 1, h*scale, w*scale): each token's value repeated in a block."""
+    m = mask.reshape(mask.shape[0], 1, grid[0], grid[1])
+    return m.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """(B, L, C) gathered at (B, K) -> (B, K, C)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

@@ -1,0 +1,101 @@
+"""Adapting ConvMAE weights of any supported checkpoint format to a model (file reading: ``..checkpoint``).
+
+Formats: official ConvMAE pretraining and fine-tuned checkpoints (``{'model': ...}``), mmengine checkpoints of
+this project (``{'state_dict': ...}``), exported backbone weights (plain state dicts), and detector/segmentor
+checkpoints (``backbone.`` prefix, DDP ``module.``). The position embedding is resized to the model's grid and
+relative-position tables to the model's sizes; any other shape mismatch is an error naming the key.
+"""
+import logging
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from mmengine.logging import print_log
+from torch import Tensor, nn
+
+from ..checkpoint import CheckpointError, safe_torch_load
+from .utils import resize_pos_embed
+
+# Wrappers put around the encoder's own names by detectors, segmentors, DDP and EMA.
+STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
+
+
+def extract_state_dict(ckpt) -> Dict[str, Tensor]:
+    """The model weights of a loaded checkpoint in any supported format, with wrapper prefixes removed.
+
+    For a detector or segmentor (keys under ``backbone.``) only the backbone's weights are kept.
+    """
+    if isinstance(ckpt, dict):
+        for key in ('state_dict', 'model', 'module'):
+            if key in ckpt and isinstance(ckpt[key], dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'expected a dict of weights, found {type(ckpt).__name__}')
+    state = OrderedDict((k, v) for k, v in ckpt.items() if isinstance(v, Tensor))
+    has_backbone = any(k.startswith('backbone.') for k in state)
+    out = OrderedDict()
+    for k, v in state.items():
+        if has_backbone and not k.startswith(('backbone.', 'module.backbone.')):
+            continue  # a detector/segmentor: keep only its backbone
+        changed = True
+        while changed:
+            changed = False
+            for p in STRIP_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def _square_grid(n: int, key: str, path: str) -> Tuple[int, int]:
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise CheckpointError(f'{path}: cannot infer the grid of {key} with {n} tokens')
+    return side, side
+
+
+def adapt_tensor(model: nn.Module, key: str, value: Tensor, target: torch.Size, path: str) -> Tensor:
+    """``value`` of checkpoint ``key`` shaped for the model's ``target`` shape: ``pos_embed`` resized to the
+    model's grid, relative-position tables interpolated; any other mismatch raises :class:`CheckpointError`."""
+    if value.shape == target:
+        return value
+    if key.endswith('pos_embed') and value.dim() == 3 and value.shape[-1] == target[-1]:
+        src, dst = _square_grid(value.shape[1], key, path), model.pos_grid
+        print_log(f'resized {key} from grid {src} to {dst}', logger='current')
+        return resize_pos_embed(value.float(), src, dst).to(value.dtype)
+    if key.endswith(('rel_pos_h', 'rel_pos_w')) and value.shape[1:] == target[1:]:
+        return F.interpolate(value.t().unsqueeze(0).float(), size=target[0], mode='linear').squeeze(0).t().to(
+            value.dtype)
+    raise CheckpointError(f'{path}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, model '
+                          f'{tuple(target)} (a different architecture?)')
+
+
+def load_pretrained(model: nn.Module, path: str) -> List[str]:
+    """Load ConvMAE weights from the checkpoint file ``path`` into ``model`` (any ConvViT subclass).
+
+    Missing and unexpected keys are logged; the pretraining-only modules (decoder, fusion, final norm) of a
+    pretraining checkpoint are skipped with one log line. Returns the list of missing keys.
+    """
+    from .pretrainer import ConvMAEPretrainer
+    state = extract_state_dict(safe_torch_load(path))
+    own = model.state_dict()
+    if not any(k in own for k in state):
+        raise CheckpointError(f'checkpoint {path!r} holds no ConvMAE weights (none of its {len(state)} keys, e.g. '
+                              f'{list(state)[:3]}, is a ConvMAE key)')
+    extra = [k for k in state if k not in own]
+    ignored = [k for k in extra if k.split('.', 1)[0] in ConvMAEPretrainer.PRETRAINING_ONLY]
+    unexpected = [k for k in extra if k not in ignored]
+    to_load = OrderedDict((k, adapt_tensor(model, k, v, own[k].shape, path)) for k, v in state.items() if k in own)
+    missing = [k for k in own if k not in to_load]
+    model.load_state_dict(to_load, strict=False)
+    print_log(f'loaded {len(to_load)} ConvMAE weights from {path}', logger='current')
+    if ignored:
+        print_log(f'ignored {len(ignored)} pretraining-only keys (decoder, fusion, final norm)', logger='current')
+    if unexpected:
+        print_log(f'unexpected keys in {path}: {unexpected}', logger='current', level=logging.WARNING)
+    if missing:
+        print_log(f'missing keys (left at their initialisation): {missing}', logger='current',
+                  level=logging.WARNING)
+    return missing
