@@ -165,19 +165,22 @@ def _as_tensor(key: str, value, source: str) -> Tensor:
     raise CheckpointError(f'{source}: value of {key!r} is a {type(value).__name__}, not a tensor or array')
 
 
-def model_state(ckpt, source: str) -> 'OrderedDict[str, Tensor]':
+def model_state(ckpt, source: str, kind: Optional[str] = None) -> 'OrderedDict[str, Tensor]':
     """The weights dict of a checkpoint: ``ckpt['model']`` (official, detectron2), ``ckpt['state_dict']``
-    (mmcv / mmengine) or ``ckpt`` itself; numpy arrays become tensors."""
+    (mmcv / mmengine) or ``ckpt`` itself; numpy arrays become tensors. With ``kind``, first check that the keys
+    are those of that kind (:func:`check_kind`)."""
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f'{source}: expected a dict, found {type(ckpt).__name__}')
     for key in ('model', 'state_dict'):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
+    if kind is not None:
+        check_kind(ckpt, kind, source)
     return OrderedDict((k, _as_tensor(k, v, source)) for k, v in ckpt.items())
 
 
-def check_kind(state: Mapping[str, Tensor], kind: str, source: str) -> None:
+def check_kind(state: Mapping, kind: str, source: str) -> None:
     """Raise :class:`CheckpointError` if ``state`` lacks a signature key of ``kind``, naming the missing keys and
     the kind the checkpoint looks like instead."""
     missing = [k for k in SIGNATURES[kind] if k not in state]
@@ -203,17 +206,21 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def load_source(path: str) -> dict:
     """Read a checkpoint with :func:`safe_torch_load`; a plain pickle of numpy arrays (detectron2 ``.pkl``) is
-    read with an unpickler that accepts numpy arrays only."""
+    read with an unpickler that accepts numpy arrays only. Any unreadable file raises :class:`CheckpointError`."""
     try:
         return safe_torch_load(path)
-    except CheckpointError as torch_error:
-        if not os.path.isfile(path) or zipfile.is_zipfile(path):
-            raise
-        try:
-            with open(path, 'rb') as f:
-                return _ArrayUnpickler(f, encoding='latin1').load()
-        except Exception:  # noqa: BLE001 - not a weights pickle either: report the torch error
-            raise torch_error from None
+    except CheckpointError as exc:
+        torch_error = exc
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler raises KeyError, IndexError... on some garbage
+        torch_error = CheckpointError(f'checkpoint file {path!r} could not be read (not a PyTorch checkpoint): '
+                                      f'{type(exc).__name__}: {exc}')
+    if not os.path.isfile(path) or zipfile.is_zipfile(path):
+        raise torch_error
+    try:
+        with open(path, 'rb') as f:
+            return _ArrayUnpickler(f, encoding='latin1').load()
+    except Exception:  # noqa: BLE001 - not a weights pickle either: report the torch error
+        raise torch_error from None
 
 
 # --------------------------------------------------------------------------------------- per format
@@ -266,7 +273,7 @@ def convert(kind: str, src_path: str, dst_path: str) -> dict:
     of tensors written), ``dropped`` (source keys left out by the documented rules)."""
     if kind not in CONVERTERS:
         raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
-    state = model_state(load_source(src_path), src_path)
+    state = model_state(load_source(src_path), src_path, kind)
     converted, dropped = CONVERTERS[kind](state, src_path)
     meta = dict(converted_from=os.path.basename(src_path), source_format=DESCRIPTIONS[kind])
     dataset_meta = _dataset_meta(kind)

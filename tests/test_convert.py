@@ -371,10 +371,13 @@ def test_errors(tmp_path, capsys, fixture, det_source):
         convert('det', str(seg), str(tmp_path / 'x.pth'))
     assert not (tmp_path / 'x.pth').exists()
 
-    garbage = tmp_path / 'notes.txt'
-    garbage.write_text('not a checkpoint')
-    with pytest.raises(CheckpointError, match='notes.txt'):
-        convert('det', str(garbage), str(tmp_path / 'x.pth'))
+    for i, text in enumerate(('not a checkpoint', 'hello\n')):  # torch raises different errors for these
+        garbage = tmp_path / f'notes{i}.txt'
+        garbage.write_text(text)
+        with pytest.raises(CheckpointError, match=f'notes{i}.txt.*could not be read'):
+            convert('det', str(garbage), str(tmp_path / 'x.pth'))
+    with pytest.raises(CheckpointError, match=r"is not an official ConvMAE detector.*missing expected keys"):
+        convert('det', str(DOWNSTREAM), str(tmp_path / 'x.pth'))  # a dict of dicts, not of weights
 
     evil = tmp_path / 'evil.pkl'
     evil.write_bytes(pickle.dumps({'model': {'x': _CallsPrint()}}))
