@@ -209,28 +209,3 @@ class SeededSampler(DefaultSampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         for idx in super().__iter__():
             yield idx, int(np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(1)[0])
-
-
-# Photographs shipped inside scikit-image (no download needed).
-DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'coins', 'moon', 'immunohistochemistry',
-               'hubble_deep_field', 'retina', 'clock', 'brick', 'grass', 'gravel')
-
-
-def write_demo_images(out_dir: str, views_per_photo: int = 40, size: int = 128, seed: int = 0) -> int:
-    """Write ``views_per_photo`` random square crops (``size`` pixels, JPEG) of each scikit-image sample photo
-    into ``out_dir/train/<photo>/``; grayscale photos stay grayscale. Returns the number of files written."""
-    from skimage import data as skdata  # optional dependency, only for the demo
-    rng = np.random.default_rng(seed)
-    count = 0
-    for name in DEMO_PHOTOS:
-        photo = Image.fromarray(getattr(skdata, name)())
-        folder = osp.join(out_dir, 'train', name)
-        os.makedirs(folder, exist_ok=True)
-        w, h = photo.size
-        for k in range(views_per_photo):
-            side = int(min(w, h) * rng.uniform(0.35, 1.0))
-            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            view = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
-            view.save(osp.join(folder, f'{name}_{k:03d}.jpg'), quality=92)
-            count += 1
-    return count
