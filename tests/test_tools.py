@@ -169,3 +169,24 @@ def test_tool_command_lines(tmp_path):
     torch.save({'state_dict': {'conv.weight': torch.zeros(2, 2)}}, tmp_path / 'other.pth')
     failed = usage('export_backbone.py', str(tmp_path / 'other.pth'), str(tmp_path / 'out.pth'))
     assert failed.returncode != 0 and 'holds no ConvMAE encoder' in failed.stderr
+
+
+def test_demo_reads_the_backbone_architecture_of_a_checkpoint(tmp_path, capsys):
+    from mmengine.config import Config
+
+    from convmae_backbone.demo import DEMO_CONFIG, checkpoint_arch
+    from convmae_backbone.export import encoder_state_dict
+    demo_model = Config.fromfile(DEMO_CONFIG).model
+    arch = {k: demo_model[k] for k in ('img_size', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios')}
+    state = MODELS.build(dict(type='ConvMAEPretrainer', **arch, decoder_embed_dim=32, decoder_depth=1,
+                              decoder_num_heads=1)).state_dict()
+    expected = dict(arch, in_channels=3, patch_sizes=(4, 2, 2))
+    torch.save(encoder_state_dict(state), tmp_path / 'exported.pth')  # no config: the demo config's heads
+    assert checkpoint_arch(str(tmp_path / 'exported.pth')) == expected and arch['num_heads'] == 4
+    assert checkpoint_arch(str(tmp_path / 'exported.pth'), num_heads=8)['num_heads'] == 8
+    meta = dict(cfg="model = dict(type='ConvMAEPretrainer', num_heads=2, decoder_num_heads=16)\n")
+    torch.save(dict(meta=meta, state_dict=state), tmp_path / 'run.pth')  # the config the run recorded
+    assert checkpoint_arch(str(tmp_path / 'run.pth')) == dict(expected, num_heads=2)
+    torch.save(encoder_state_dict(tiny_model().state_dict()), tmp_path / 'unknown.pth')
+    assert checkpoint_arch(str(tmp_path / 'unknown.pth'))['num_heads'] == 1  # 64-channel heads of 96
+    assert 'number of heads not recorded' in capsys.readouterr().out
