@@ -10,7 +10,6 @@ from mmengine.config import Config
 from mmengine.registry import MODELS
 from PIL import Image
 
-import convmae_backbone  # noqa: F401
 from convmae_backbone import cli
 from convmae_backbone.checkpoint import safe_torch_load
 from convmae_backbone.export import export_backbone
