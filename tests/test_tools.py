@@ -102,11 +102,12 @@ def test_load_config_applies_the_shared_options(tmp_path):
         load_config(str(cfg_file), scopes=('mmdet',))
 
 
-def _training_config(argv):
+def _training_config(argv, scopes=('mmengine', 'mmseg')):
+    """The config a training tool accepting ``scopes`` runs for the command line ``argv``."""
     from argparse import ArgumentParser
 
     from convmae_backbone import cli
-    return cli.config_from_args(cli.parse_args(cli.add_common_args(ArgumentParser()), argv), ('mmengine', 'mmseg'))
+    return cli.config_from_args(cli.parse_args(cli.add_common_args(ArgumentParser()), argv), scopes)
 
 
 def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
@@ -128,6 +129,19 @@ def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
     cfg = _training_config([str(cfg_file), '--amp', '--resume', '--cfg-options', 'train_cfg.max_epochs=9'])
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 512.0  # kept
     assert cfg.resume is True and cfg.load_from is None and cfg.train_cfg.max_epochs == 9
+
+
+def test_downstream_configs_take_the_training_options():
+    from helpers import BASE_CFG
+
+    from convmae_backbone.cli import DOWNSTREAM_SCOPES
+    from convmae_backbone.demo import DET_CONFIG, SEG_CONFIG
+    cfg = _training_config([DET_CONFIG, '--auto-scale-lr', '--resume', 'x/epoch_3.pth'], DOWNSTREAM_SCOPES)
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=32) and cfg.load_from == 'x/epoch_3.pth'
+    with pytest.raises(ValueError, match=osp.basename(SEG_CONFIG) + ' has no auto_scale_lr.base_batch_size'):
+        _training_config([SEG_CONFIG, '--auto-scale-lr'], DOWNSTREAM_SCOPES)
+    with pytest.raises(ValueError, match=r"default_scope must be one of \('mmdet', 'mmseg'\), got 'mmengine'"):
+        _training_config([str(BASE_CFG)], DOWNSTREAM_SCOPES)
 
 
 def test_build_runner_takes_runner_type_from_the_scope_registry(tmp_path):
