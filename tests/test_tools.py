@@ -58,6 +58,8 @@ def test_visualiser_finds_config_next_to_checkpoint_or_flag(tmp_path):
     visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'b.png'), img_size=48)  # the .py next to it
     with Image.open(tmp_path / 'b.png') as png:
         assert png.size == (4 * 48, 48)
+    with pytest.raises(ValueError, match='img_size must be a multiple of 16, got 40'):
+        visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'd.png'), img_size=40)
     shutil.move(str(cfg), tmp_path / 'elsewhere.py')
     visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'c.png'), config=str(tmp_path / 'elsewhere.py'))
     with Image.open(tmp_path / 'c.png') as png:
