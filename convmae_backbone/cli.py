@@ -1,8 +1,57 @@
-"""What the command-line tools share: a config file with the options every one of them takes."""
+"""What the command-line tools share: the options of ``tools/train.py``, ``tools/test.py`` and
+``tools/pretrain.py``, one way of applying them to a config, and one way of building the Runner.
+
+    parser = add_common_args(argparse.ArgumentParser())       # + the tool's own options
+    cfg = config_from_args(parse_args(parser, argv), scopes)  # config with every option applied
+    runner = build_runner(cfg)
+
+:func:`train`, :func:`pretrain` and :func:`evaluate` are the whole of ``tools/train.py``, ``tools/pretrain.py`` and
+``tools/test.py``.
+"""
+import argparse
+import importlib
+import logging
+import os
 import os.path as osp
 from typing import Optional, Sequence
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+from mmengine.runner import Runner
+
+#: ``default_scope`` of the configs each tool runs.
+DOWNSTREAM_SCOPES = ('mmdet', 'mmseg')
+PRETRAIN_SCOPES = ('mmengine',)
+
+
+def add_common_args(parser: argparse.ArgumentParser, training: bool = True) -> argparse.ArgumentParser:
+    """Add the config file and ``--work-dir``, ``--cfg-options``, ``--launcher``, ``--local-rank`` to ``parser``;
+    with ``training`` also ``--amp``, ``--auto-scale-lr`` and ``--resume [CKPT]``. Returns ``parser``."""
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--work-dir', help='folder for logs, checkpoints and metrics '
+                                           '(default: the config\'s work_dir, else work_dirs/<config name>)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, key=value pairs (e.g. '
+                             'model.backbone.init_cfg.checkpoint=PATH)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    if training:
+        parser.add_argument('--amp', action='store_true',
+                            help='mixed precision: AmpOptimWrapper with dynamic loss scale (needs CUDA)')
+        parser.add_argument('--auto-scale-lr', action='store_true',
+                            help='scale the lr by (total batch) / auto_scale_lr.base_batch_size')
+        parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
+                            help='resume from CKPT, or from the latest checkpoint of the work dir if no CKPT is '
+                                 'given')
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``; sets ``LOCAL_RANK`` from ``--local-rank`` for launchers that pass it so."""
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = 'none',
@@ -20,3 +69,127 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(path))[0])
     return cfg
+
+
+def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] = None) -> Config:
+    """The config file of ``args`` with every option of :func:`add_common_args` applied, checked
+    (``default_scope`` in ``scopes``, :func:`check_schedule`)."""
+    cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir, scopes)
+    if getattr(args, 'amp', False):
+        enable_amp(cfg, args.config)
+    if getattr(args, 'auto_scale_lr', False):
+        enable_auto_scale_lr(cfg, args.config)
+    if getattr(args, 'resume', None) is not None:
+        cfg.resume = True
+        cfg.load_from = None if args.resume == 'auto' else args.resume
+    check_schedule(cfg)
+    return cfg
+
+
+def enable_amp(cfg: Config, path: str) -> None:
+    """Switch ``cfg.optim_wrapper`` to mmengine's AmpOptimWrapper with a dynamic loss scale (unless the config
+    sets one); mmengine's AMP needs a CUDA device."""
+    import torch
+    if not torch.cuda.is_available():
+        raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); none is available')
+    if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
+        print_log(f'{path}: AMP training is already enabled in the config', logger='current',
+                  level=logging.WARNING)
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'
+    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+
+
+def enable_auto_scale_lr(cfg: Config, path: str) -> None:
+    """Turn on mmengine's lr scaling by (total batch size) / ``auto_scale_lr.base_batch_size``."""
+    if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+        raise ValueError(f'{path} has no auto_scale_lr.base_batch_size; --auto-scale-lr needs it')
+    cfg.auto_scale_lr.enable = True
+
+
+def check_schedule(cfg: Config) -> None:
+    """Fail early, with the numbers, if an epoch-based scheduler starts at or after the last epoch."""
+    max_epochs = cfg.get('train_cfg', {}).get('max_epochs')
+    schedulers = cfg.get('param_scheduler') or []
+    for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
+        if max_epochs is not None and sched.get('by_epoch', True) and sched.get('begin', 0) >= max_epochs:
+            raise ValueError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {sched["begin"]} but '
+                             f'train_cfg.max_epochs is {max_epochs}; train longer than the warm-up or change '
+                             f'param_scheduler')
+
+
+def build_runner(cfg: Config) -> Runner:
+    """The Runner of ``cfg``: the config's ``runner_type`` from the registry of its ``default_scope`` (mmdet,
+    mmseg or mmengine), else mmengine's ``Runner``."""
+    scope = cfg.get('default_scope') or 'mmengine'
+    if scope == 'mmdet':
+        from mmdet.utils import setup_cache_size_limit_of_dynamo
+        setup_cache_size_limit_of_dynamo()
+    if 'runner_type' in cfg:
+        return importlib.import_module(f'{scope}.registry').RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def _train(argv: Optional[Sequence[str]], description: str, scopes: Sequence[str]) -> Runner:
+    parser = add_common_args(argparse.ArgumentParser(description=description))
+    runner = build_runner(config_from_args(parse_args(parser, argv), scopes))
+    runner.train()
+    return runner
+
+
+def train(argv: Optional[Sequence[str]] = None) -> Runner:
+    """``tools/train.py``: train an mmdet detector or mmseg segmentor (the config's ``default_scope``)."""
+    return _train(argv, 'Train an mmdet detector or mmseg segmentor with a ConvMAE backbone', DOWNSTREAM_SCOPES)
+
+
+def pretrain(argv: Optional[Sequence[str]] = None) -> Runner:
+    """``tools/pretrain.py``: ConvMAE masked-autoencoder pretraining."""
+    return _train(argv, 'ConvMAE masked-autoencoder pretraining', PRETRAIN_SCOPES)
+
+
+def add_test_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``tools/test.py`` beyond :func:`add_common_args` (``training=False``)."""
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--out', help='mmdet: .pkl file for the raw results; mmseg: dir for predicted masks')
+    parser.add_argument('--show', action='store_true', help='show the predictions')
+    parser.add_argument('--show-dir', help='dir (inside the work dir) to save the painted predictions')
+    parser.add_argument('--wait-time', type=float, default=2, help='seconds per image with --show')
+    return parser
+
+
+def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
+    """``tools/test.py``: evaluate a checkpoint of an mmdet detector or mmseg segmentor."""
+    parser = add_test_args(add_common_args(argparse.ArgumentParser(
+        description='Test an mmdet detector or mmseg segmentor with a ConvMAE backbone'), training=False))
+    args = parse_args(parser, argv)
+    cfg = config_from_args(args, DOWNSTREAM_SCOPES)
+    scope = cfg.default_scope
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        enable_visualization(cfg, args.show, args.show_dir, args.wait_time)
+    if args.out is not None and scope == 'mmdet' and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out must be a .pkl file for detection, got {args.out!r}')
+    if args.out is not None and scope == 'mmseg':
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+    runner = build_runner(cfg)
+    if args.out is not None and scope == 'mmdet':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    runner.test()
+    return runner
+
+
+def enable_visualization(cfg: Config, show: bool, show_dir: Optional[str], wait_time: float) -> None:
+    """Turn on the config's visualization hook: draw, and show (``show``) or save under ``show_dir``."""
+    hook = cfg.default_hooks.get('visualization')
+    if hook is None:
+        raise RuntimeError('--show/--show-dir need a visualization hook in default_hooks')
+    hook['draw'] = True
+    if show:
+        hook['show'] = True
+        hook['wait_time'] = wait_time
+    if show_dir:
+        if cfg.default_scope == 'mmdet':
+            hook['test_out_dir'] = show_dir
+        else:
+            cfg.visualizer['save_dir'] = show_dir

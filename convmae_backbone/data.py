@@ -5,6 +5,9 @@ and std, RGB) is done by the model's ``ImgDataPreprocessor``. Unreadable files (
 image at all) never stop a run: the loader returns ``None`` with a warning naming the file, and mmengine's
 ``BaseDataset`` fetches another index instead.
 
+The transforms are mmcv ``BaseTransform`` s in mmengine's root TRANSFORMS registry, so that configs of any
+``default_scope`` (mmengine, mmdet, mmseg) find them.
+
 With :class:`SeededSampler` every sample's augmentation is a pure function of (run seed, epoch, index): the
 same crops and flips whatever ``num_workers`` is, and again after ``--resume``.
 """
@@ -17,6 +20,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from mmcv.transforms import BaseTransform
 from mmengine.dataset import BaseDataset, DefaultSampler
 from mmengine.logging import print_log
 from PIL import Image
@@ -51,7 +55,7 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
-class LoadRGBImage:
+class LoadRGBImage(BaseTransform):
     """Read ``results['img_path']`` as an 8-bit RGB PIL image into ``results['img']``.
 
     Returns ``None`` (mmengine's ``BaseDataset`` then draws another index) for a file that cannot be decoded,
@@ -64,7 +68,7 @@ class LoadRGBImage:
     def num_skipped(cls) -> int:
         return len(cls.bad_files)
 
-    def __call__(self, results: dict) -> Optional[dict]:
+    def transform(self, results: dict) -> Optional[dict]:
         path = results['img_path']
         if path in LoadRGBImage.bad_files:
             return None
@@ -78,14 +82,13 @@ class LoadRGBImage:
                       f'{len(LoadRGBImage.bad_files)} bad file(s) skipped so far', logger='current',
                       level=logging.WARNING)
             return None
-        results['ori_shape'] = results['img'].size[::-1]
         return results
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}()'
 
 
-class MAERandomResizedCrop:
+class MAERandomResizedCrop(BaseTransform):
     """RandomResizedCrop of a PIL image (torchvision parameters, bicubic by default) to ``size``.
 
     Small images are upsampled, as in torchvision.
@@ -97,38 +100,35 @@ class MAERandomResizedCrop:
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.interpolation = InterpolationMode(interpolation)
 
-    def __call__(self, results: dict) -> dict:
+    def transform(self, results: dict) -> dict:
         img = results['img']
         i, j, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         results['img'] = TF.resized_crop(img, i, j, h, w, list(self.size), self.interpolation)
-        results['crop_box'] = (i, j, h, w)
         return results
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio})'
 
 
-class MAERandomFlip:
+class MAERandomFlip(BaseTransform):
     """Horizontal flip of a PIL image with probability ``prob`` (torch's global RNG)."""
 
     def __init__(self, prob: float = 0.5):
         self.prob = prob
 
-    def __call__(self, results: dict) -> dict:
-        flip = bool(torch.rand(1).item() < self.prob)
-        if flip:
+    def transform(self, results: dict) -> dict:
+        if torch.rand(1).item() < self.prob:
             results['img'] = TF.hflip(results['img'])
-        results['flip'] = flip
         return results
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(prob={self.prob})'
 
 
-class PackMAEInputs:
+class PackMAEInputs(BaseTransform):
     """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W))`` (no data samples: MAE needs no labels)."""
 
-    def __call__(self, results: dict) -> dict:
+    def transform(self, results: dict) -> dict:
         arr = np.asarray(results['img'], dtype=np.uint8)  # (H, W, 3)
         return dict(inputs=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
 
@@ -143,10 +143,9 @@ class ImageFolderDataset(BaseDataset):
     A missing or empty folder raises ``FileNotFoundError`` naming the path when the dataset is built.
     """
 
-    def __init__(self, data_root: str = '', subdir: Optional[str] = 'train', pipeline: Sequence = (),
-                 max_refetch: int = 1000, **kwargs):
+    def __init__(self, data_root: str = '', subdir: Optional[str] = 'train', pipeline: Sequence = (), **kwargs):
         self.subdir = subdir
-        super().__init__(data_root=data_root, pipeline=list(pipeline), max_refetch=max_refetch, **kwargs)
+        super().__init__(data_root=data_root, pipeline=list(pipeline), **kwargs)
 
     @property
     def image_dir(self) -> str:
@@ -209,28 +208,3 @@ class SeededSampler(DefaultSampler):
     def __iter__(self) -> Iterator[Tuple[int, int]]:
         for idx in super().__iter__():
             yield idx, int(np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(1)[0])
-
-
-# Photographs shipped inside scikit-image (no download needed).
-DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'coins', 'moon', 'immunohistochemistry',
-               'hubble_deep_field', 'retina', 'clock', 'brick', 'grass', 'gravel')
-
-
-def write_demo_images(out_dir: str, views_per_photo: int = 40, size: int = 128, seed: int = 0) -> int:
-    """Write ``views_per_photo`` random square crops (``size`` pixels, JPEG) of each scikit-image sample photo
-    into ``out_dir/train/<photo>/``; grayscale photos stay grayscale. Returns the number of files written."""
-    from skimage import data as skdata  # optional dependency, only for the demo
-    rng = np.random.default_rng(seed)
-    count = 0
-    for name in DEMO_PHOTOS:
-        photo = Image.fromarray(getattr(skdata, name)())
-        folder = osp.join(out_dir, 'train', name)
-        os.makedirs(folder, exist_ok=True)
-        w, h = photo.size
-        for k in range(views_per_photo):
-            side = int(min(w, h) * rng.uniform(0.35, 1.0))
-            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            view = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
-            view.save(osp.join(folder, f'{name}_{k:03d}.jpg'), quality=92)
-            count += 1
-    return count

@@ -127,7 +127,7 @@ def test_missing_and_empty_data_root_fail_naming_the_path(tmp_path):
 
 
 def test_demo_images_are_real_photos(tmp_path):
-    from convmae_backbone.data import DEMO_PHOTOS, write_demo_images
+    from convmae_backbone.demo import DEMO_PHOTOS, write_demo_images
     n = write_demo_images(str(tmp_path), views_per_photo=2, size=48, seed=1)
     assert n == 2 * len(DEMO_PHOTOS)
     files = list_images(str(tmp_path / 'train'))
@@ -158,3 +158,26 @@ def test_seeded_samples_are_reproducible_and_leave_global_rng_alone(tmp_path):
     idx, seed = epoch0[0]
     crops = {ds[(idx, seed + k)]['inputs'].float().sum().item() for k in range(1, 6)}
     assert len(crops) > 1  # other seeds give other crops
+
+
+def test_transforms_are_mmcv_transforms_found_from_every_scope(tmp_path):
+    import importlib
+
+    from mmcv.transforms import BaseTransform
+    from mmengine.registry import TRANSFORMS, DefaultScope
+    Image.fromarray(photo(48, 40)).save(tmp_path / 'a.png')
+    pipelines = {}
+    for scope in ('mmengine', 'mmdet', 'mmseg'):
+        registry = TRANSFORMS if scope == 'mmengine' else importlib.import_module(f'{scope}.registry').TRANSFORMS
+        with DefaultScope.overwrite_default_scope(scope):
+            pipelines[scope] = [registry.build(t) for t in PIPELINE]
+    for transform in pipelines['mmengine']:
+        assert isinstance(transform, BaseTransform)
+    load, crop, flip, pack = pipelines['mmseg']
+    loaded = load(dict(img_path=str(tmp_path / 'a.png')))
+    assert loaded['img'].size == (40, 48)
+    assert np.array_equal(np.asarray(type(flip)(prob=1.0)(dict(img=loaded['img']))['img']),
+                          np.asarray(loaded['img'])[:, ::-1])
+    assert type(flip)(prob=0.0)(dict(img=loaded['img']))['img'] is loaded['img']
+    packed = pack(crop(dict(img=loaded['img'])))
+    assert set(packed) == {'inputs'} and packed['inputs'].shape == (3, 32, 32)

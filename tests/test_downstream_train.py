@@ -2,7 +2,6 @@
 tiny synthetic datasets, with a small ConvMAE loaded from a pretraining checkpoint; then this project's
 tools/test.py on the results, the detector checkpoint loaded back into a backbone, and a SIGKILLed segmentation
 run resumed to the weights of an uninterrupted one."""
-import importlib.util
 import os
 import os.path as osp
 import subprocess
@@ -11,15 +10,10 @@ import sys
 import pytest
 import torch
 
-import convmae_backbone  # noqa: F401
-from convmae_backbone import ConvMAE, ConvMAEPretrainer
+from convmae_backbone import ConvMAE, ConvMAEPretrainer, demo
 from convmae_backbone.checkpoint import safe_torch_load
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location('demo_finetune', osp.join(REPO, 'tools', 'demo_finetune.py'))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
-
 BACKBONE = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
 
 
@@ -52,7 +46,7 @@ def test_mask_rcnn_finetune_eval_and_checkpoint_roundtrip(tmp_path, pretrained):
     os.makedirs(work)
     # The config names a missing file; the command line supplies the real one, as documented in the config.
     cfg = demo.tiny_det_config(data, work, BACKBONE, checkpoint='/nonexistent/backbone.pth', image_size=96,
-                               max_epochs=1, batch_size=2)
+                               max_epochs=1)
     config = osp.join(work, 'mask_rcnn_tiny.py')
     cfg.dump(config)
     log = _ok(demo.run_train_tool('mmdet', config, work,
@@ -85,7 +79,7 @@ def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
     data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=2, size=(80, 96))
     work = str(tmp_path / 'work')
     os.makedirs(work)
-    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=ckpt, crop=64, max_iters=4, warmup_iters=2)
+    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=ckpt, max_iters=4)
     config = osp.join(work, 'upernet_tiny.py')
     cfg.dump(config)
     log = _ok(demo.run_train_tool('mmseg', config, work))
@@ -114,7 +108,7 @@ def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
 
 
 def _tiny_seg_resume_config(tmp_path, data, work):
-    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=None, crop=64, max_iters=6, warmup_iters=2)
+    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=None, max_iters=6)
     # Deterministic: no dropout (its torch RNG draws are not replayed on resume), no validation.
     cfg.model.decode_head.dropout_ratio = 0.0
     cfg.model.auxiliary_head.dropout_ratio = 0.0

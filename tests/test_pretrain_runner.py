@@ -1,74 +1,25 @@
-"""tools/pretrain.py on mmengine's Runner: configs, overrides, a short run, export and reload of the backbone."""
-import importlib.util
-from pathlib import Path
-from typing import Optional
+"""Pretraining (tools/pretrain.py, i.e. convmae_backbone.cli) on mmengine's Runner: configs, command-line
+options, overrides, a short run, export and reload of the backbone, its reconstructions."""
+from argparse import ArgumentParser
 
 import numpy as np
 import pytest
 import torch
+from helpers import BASE_CFG, DEMO_CFG, TINY_ARCH, make_images, write_tiny_config
 from mmengine.config import Config
 from mmengine.registry import MODELS
 from PIL import Image
 
-import convmae_backbone  # noqa: F401
+from convmae_backbone import cli
 from convmae_backbone.checkpoint import safe_torch_load
-
-ROOT = Path(__file__).resolve().parents[1]
-BASE_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-b_8xb128-1600e_in1k.py'
-DEMO_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-tiny_demo.py'
-TINY_ARCH = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, decoder_embed_dim=64, decoder_depth=1,
-                 decoder_num_heads=4)
+from convmae_backbone.export import export_backbone
+from convmae_backbone.visualization import visualize
 
 
-def load_tool(name: str):
-    """Import tools/<name>.py as a module."""
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_images(root: Path, n: int = 8, size: int = 40, seed: int = 0) -> Path:
-    """``n`` smooth random RGB JPEGs in root/train/cls{0,1}/."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for i in range(n):
-        freq = rng.uniform(1, 4, 3)
-        img = np.stack([np.sin(freq[c] * (xx + yy * c) * np.pi) for c in range(3)], -1) * 100 + 128
-        img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
-        folder = root / 'train' / f'cls{i % 2}'
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f'{i}.jpg')
-    return root
-
-
-def write_tiny_config(path: Path, data_root: Path, max_epochs: int = 2, seed: int = 123,
-                      extra: Optional[str] = None) -> Path:
-    """A config inheriting the base recipe with a tiny model on 32x32 crops, batch 4, a checkpoint per epoch."""
-    text = f'''
-_base_ = [{str(BASE_CFG)!r}]
-model = dict(img_size=32, **{TINY_ARCH!r})
-train_pipeline = [
-    dict(type='LoadRGBImage'),
-    dict(type='MAERandomResizedCrop', size=32, scale=(0.2, 1.0)),
-    dict(type='MAERandomFlip', prob=0.5),
-    dict(type='PackMAEInputs'),
-]
-train_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False,
-                        dataset=dict(data_root={str(data_root)!r}, pipeline=train_pipeline))
-optim_wrapper = dict(optimizer=dict(lr=1e-3))
-param_scheduler = [
-    dict(type='LinearLR', start_factor=0.1, by_epoch=True, begin=0, end=1, convert_to_iter_based=True),
-    dict(type='CosineAnnealingLR', by_epoch=True, begin=1, convert_to_iter_based=True),
-]
-train_cfg = dict(max_epochs={max_epochs})
-default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=-1))
-env_cfg = dict(dist_cfg=dict(backend='gloo'))
-log_processor = dict(window_size=1)
-randomness = dict(seed={seed}, deterministic=True)
-'''
-    path.write_text(text + (extra or ''))
-    return path
+def pretrain_config(argv):
+    """The config tools/pretrain.py runs for the command line ``argv``."""
+    args = cli.parse_args(cli.add_common_args(ArgumentParser()), argv)
+    return cli.config_from_args(args, cli.PRETRAIN_SCOPES)
 
 
 def test_base_config_builds_convmae_base():
@@ -86,34 +37,31 @@ def test_base_config_builds_convmae_base():
 
 
 def test_cli_options_resume_amp(monkeypatch):
-    pretrain = load_tool('pretrain')
     with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
-        pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp']))
+        pretrain_config([str(BASE_CFG), '--amp'])
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only the config is built, nothing runs
-    cfg = pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp', '--resume']))
+    cfg = pretrain_config([str(BASE_CFG), '--amp', '--resume'])
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 'dynamic'
     assert cfg.resume is True and cfg.load_from is None
     with pytest.raises(ValueError, match=r'begins at epoch 40 but train_cfg.max_epochs is 30'):
-        pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--cfg-options', 'train_cfg.max_epochs=30']))
+        pretrain_config([str(BASE_CFG), '--cfg-options', 'train_cfg.max_epochs=30'])
     assert cfg.work_dir.endswith('convmae-b_8xb128-1600e_in1k')
-    cfg = pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--resume', 'x/epoch_3.pth', '--work-dir',
-                                                     'w', '--auto-scale-lr']))
+    cfg = pretrain_config([str(BASE_CFG), '--resume', 'x/epoch_3.pth', '--work-dir', 'w', '--auto-scale-lr'])
     assert cfg.resume is True and cfg.load_from == 'x/epoch_3.pth' and cfg.work_dir == 'w'
     assert cfg.auto_scale_lr.enable is True and cfg.optim_wrapper.type == 'OptimWrapper'
 
 
 def test_overrides_apply_and_schedulers_follow_max_epochs(tmp_path):
     from mmengine.runner import Runner
-    pretrain = load_tool('pretrain')
     make_images(tmp_path / 'data', n=6)
-    args = pretrain.parse_args([
+    cfg = pretrain_config([
         str(BASE_CFG), '--work-dir', str(tmp_path / 'work'), '--cfg-options',
         f'train_dataloader.dataset.data_root={tmp_path / "data"}', 'train_dataloader.batch_size=2',
         'train_dataloader.num_workers=0', 'train_dataloader.persistent_workers=False', 'train_cfg.max_epochs=50',
         'model.img_size=32', 'model.embed_dims=[32,48,96]', 'model.depths=[1,1,2]', 'model.num_heads=4',
         'model.decoder_embed_dim=64', 'model.decoder_depth=1', 'model.decoder_num_heads=4', 'model.mask_ratio=0.5',
         'experiment_name=overrides'])
-    runner = Runner.from_cfg(pretrain.build_config(args))
+    runner = Runner.from_cfg(cfg)
     assert runner.model.embed_dims == (32, 48, 96) and len(runner.model.blocks3) == 2
     assert runner.model.mask_ratio == 0.5
     assert runner.train_dataloader.batch_size == 2 and len(runner.train_dataloader) == 3
@@ -134,10 +82,9 @@ def test_overrides_apply_and_schedulers_follow_max_epochs(tmp_path):
 
 def test_short_run_checkpoint_export_and_backbone_load(tmp_path):
     from convmae_backbone import ConvMAE
-    pretrain, export = load_tool('pretrain'), load_tool('export_backbone')
     cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=2)
     work = tmp_path / 'work'
-    runner = pretrain.main([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=short_run'])
+    runner = cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=short_run'])
     losses = runner.message_hub.get_scalar('train/loss').data[0]
     assert len(losses) == 4 and np.isfinite(losses).all() and losses.min() > 0  # 2 epochs x 2 iterations
     assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_2.pth')
@@ -145,7 +92,7 @@ def test_short_run_checkpoint_export_and_backbone_load(tmp_path):
     assert ckpt['meta']['epoch'] == 2 and ckpt['meta']['iter'] == 4
     state = ckpt['state_dict']
 
-    export.main([str(work / 'epoch_2.pth'), str(tmp_path / 'backbone.pth')])
+    export_backbone(str(work / 'epoch_2.pth'), str(tmp_path / 'backbone.pth'))
     exported = torch.load(tmp_path / 'backbone.pth', weights_only=True)
     assert sorted({k.split('.')[0] for k in exported}) == ['blocks1', 'blocks2', 'blocks3', 'patch_embed1',
                                                            'patch_embed2', 'patch_embed3', 'patch_embed4',
@@ -159,17 +106,16 @@ def test_short_run_checkpoint_export_and_backbone_load(tmp_path):
             assert torch.equal(backbone.state_dict()[key], state[key]), key
     assert not torch.equal(fresh, backbone.blocks3[1].mlp.fc1.weight)  # really loaded
 
-    export.main([str(work / 'epoch_2.pth'), str(tmp_path / 'official.pth'), '--official'])
+    export_backbone(str(work / 'epoch_2.pth'), str(tmp_path / 'official.pth'), official=True)
     official = torch.load(tmp_path / 'official.pth', weights_only=True)
     assert set(official) == {'model'} and set(official['model']) == set(state)
     pretrainer = MODELS.build(dict(type='ConvMAEPretrainer', img_size=32, **TINY_ARCH))
     pretrainer.load_state_dict(official['model'], strict=True)
     assert torch.equal(pretrainer.decoder_pred.weight, state['decoder_pred.weight'])
 
-    vis = load_tool('visualize_reconstruction')
     images = sorted((tmp_path / 'data').rglob('*.jpg'))[:3]
     out = tmp_path / 'rec.png'
-    vis.main([str(work / 'epoch_2.pth'), *map(str, images), '--out', str(out), '--scale', '2'])
+    assert visualize(str(work / 'epoch_2.pth'), list(map(str, images)), str(out), scale=2) == (4 * 32 * 2, 3 * 32 * 2)
     with Image.open(out) as png:
         assert png.size == (4 * 32 * 2, 3 * 32 * 2)
         grid = np.asarray(png.convert('RGB'))

@@ -8,11 +8,12 @@ import time
 
 import pytest
 import torch
+from helpers import ROOT, make_images, write_tiny_config
 
+from convmae_backbone import cli
 from convmae_backbone.checkpoint import safe_torch_load
 from convmae_backbone.engine import atomic_write
 from convmae_backbone.models import ConvMAEPretrainer
-from test_pretrain_runner import ROOT, load_tool, make_images, write_tiny_config
 
 PRETRAIN = str(ROOT / 'tools' / 'pretrain.py')
 
@@ -64,7 +65,6 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    pretrain = load_tool('pretrain')
     cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=3)
     work = tmp_path / 'work'
     original, calls = ConvMAEPretrainer.forward, []
@@ -78,7 +78,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
 
     monkeypatch.setattr(ConvMAEPretrainer, 'forward', forward)
     with pytest.raises(FloatingPointError, match=r'non-finite loss \(nan\) at iteration 3 .*epoch_1\.pth'):
-        pretrain.main([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=nan_stop'])
+        cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=nan_stop'])
     assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
     assert not (work / 'epoch_2.pth').exists()
     state = safe_torch_load(work / 'epoch_1.pth')['state_dict']
@@ -106,7 +106,6 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
 
 @pytest.mark.parametrize('crash_point', ['torch.save', 'fsync'])
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_point):
-    pretrain = load_tool('pretrain')
     # max_keep_ckpts=1: mmengine's own CheckpointHook would delete epoch_1.pth before writing epoch_2.pth
     cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=2,
                             extra="default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=1))\n")
@@ -134,14 +133,14 @@ def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch, cra
 
         monkeypatch.setattr(os, 'fsync', fake_fsync)
     with pytest.raises(OSError, match='simulated crash'):
-        pretrain.main([str(cfg), '--work-dir', str(work), '--cfg-options', f'experiment_name=crash_{crash_point}'])
+        cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', f'experiment_name=crash_{crash_point}'])
     monkeypatch.undo()
     assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
     assert not (work / 'epoch_2.pth').exists()
     assert not [p for p in os.listdir(work) if p.endswith('.tmp')]
     assert safe_torch_load(work / 'epoch_1.pth')['meta']['epoch'] == 1
     (work / '.epoch_2.pth.k1ll3d.tmp').write_bytes(b'PK partial')  # as left by a SIGKILL during a save
-    runner = pretrain.main([str(cfg), '--work-dir', str(work), '--resume', '--cfg-options',
+    runner = cli.pretrain([str(cfg), '--work-dir', str(work), '--resume', '--cfg-options',
                             f'experiment_name=crash_{crash_point}_resume'])
     assert runner.iter == 4 and safe_torch_load(work / 'epoch_2.pth')['meta']['epoch'] == 2
     assert not (work / 'epoch_1.pth').exists()  # max_keep_ckpts=1, removed after epoch_2.pth was complete

@@ -1,15 +1,19 @@
-"""tools/: reconstruction maths of the visualiser, config discovery, export errors, the demo end to end."""
+"""What the tools run: reconstruction maths of the visualiser, config discovery, export errors, the demo end to
+end, the options train/test/pretrain share."""
 import os.path as osp
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_ARCH, write_tiny_config
 from mmengine.registry import MODELS
 from PIL import Image
 
+from convmae_backbone import visualization
 from convmae_backbone.checkpoint import CheckpointError
-from test_pretrain_runner import TINY_ARCH, load_tool, write_tiny_config
+from convmae_backbone.demo import run_demo
+from convmae_backbone.export import export_backbone
 
 
 def tiny_model(norm_pix: bool = True):
@@ -20,7 +24,6 @@ def tiny_model(norm_pix: bool = True):
 
 @pytest.mark.parametrize('norm_pix', [True, False])
 def test_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
-    vis = load_tool('visualize_reconstruction')
     model = tiny_model(norm_pix)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     real = model.forward_mae
@@ -30,7 +33,7 @@ def test_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
         return loss, model.reconstruction_target(x), mask
 
     monkeypatch.setattr(model, 'forward_mae', perfect)
-    panels = vis.reconstruct(model, images, seed=3)
+    panels = visualization.reconstruct(model, images, seed=3)
     assert panels.shape == (2, 4, 3, 32, 32) and panels.dtype == torch.uint8
     original, masked, recon, pasted = panels.unbind(1)
     assert torch.equal(original, images)
@@ -39,11 +42,10 @@ def test_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
     grey_blocks = (masked == 127).all(dim=1).float().mean().item()
     assert grey_blocks == pytest.approx(0.75, abs=0.05)  # 3 of the 4 tokens of a 32x32 image
     # same seed -> same mask; another seed -> (almost surely) another one for some image
-    assert torch.equal(vis.reconstruct(model, images, seed=3)[:, 1], masked)
+    assert torch.equal(visualization.reconstruct(model, images, seed=3)[:, 1], masked)
 
 
 def test_visualiser_finds_config_next_to_checkpoint_or_flag(tmp_path):
-    vis = load_tool('visualize_reconstruction')
     model = tiny_model()
     ckpt = tmp_path / 'run' / 'plain.pth'
     ckpt.parent.mkdir()
@@ -51,31 +53,31 @@ def test_visualiser_finds_config_next_to_checkpoint_or_flag(tmp_path):
     img = tmp_path / 'img.png'
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(img)
     with pytest.raises(CheckpointError, match='pass --config'):
-        vis.main([str(ckpt), str(img), '--out', str(tmp_path / 'a.png')])
+        visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'a.png'))
     cfg = write_tiny_config(tmp_path / 'run' / 'tiny.py', tmp_path)
-    vis.main([str(ckpt), str(img), '--out', str(tmp_path / 'b.png'), '--img-size', '48'])  # the .py next to it
+    visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'b.png'), img_size=48)  # the .py next to it
     with Image.open(tmp_path / 'b.png') as png:
         assert png.size == (4 * 48, 48)
+    with pytest.raises(ValueError, match='img_size must be a multiple of 16, got 40'):
+        visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'd.png'), img_size=40)
     shutil.move(str(cfg), tmp_path / 'elsewhere.py')
-    vis.main([str(ckpt), str(img), '--out', str(tmp_path / 'c.png'), '--config', str(tmp_path / 'elsewhere.py')])
+    visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'c.png'), config=str(tmp_path / 'elsewhere.py'))
     with Image.open(tmp_path / 'c.png') as png:
         assert png.size == (4 * 32, 32)
 
 
 def test_export_rejects_non_convmae_checkpoint(tmp_path):
-    export = load_tool('export_backbone')
     torch.save({'state_dict': {'conv.weight': torch.zeros(2, 2)}}, tmp_path / 'other.pth')
     with pytest.raises(CheckpointError, match='no ConvMAE encoder'):
-        export.main([str(tmp_path / 'other.pth'), str(tmp_path / 'out.pth')])
+        export_backbone(str(tmp_path / 'other.pth'), str(tmp_path / 'out.pth'))
     assert not (tmp_path / 'out.pth').exists()
 
 
 def test_demo_end_to_end_small(tmp_path, capfd):
-    demo = load_tool('demo')
     fake = tmp_path / 'fake_finetune.py'
     fake.write_text('import sys\nprint("FINETUNE ARGS", sys.argv[1:])\n')
     out = tmp_path / 'demo'
-    rc = demo.main(['--out-dir', str(out), '--epochs', '3', '--views', '3', '--finetune-script', str(fake)])
+    rc = run_demo(str(out), epochs=3, views=3, finetune_script=str(fake))
     assert rc == 0
     printed = capfd.readouterr().out
     assert 'loss first' in printed and str(out / 'reconstruction.png') in printed
@@ -100,3 +102,107 @@ def test_load_config_applies_the_shared_options(tmp_path):
     assert load_config(str(cfg_file), work_dir='w').work_dir == 'w'
     with pytest.raises(ValueError, match=r"my_cfg.py: default_scope must be one of \('mmdet',\), got 'mmseg'"):
         load_config(str(cfg_file), scopes=('mmdet',))
+
+
+def _training_config(argv, scopes=('mmengine', 'mmseg')):
+    """The config a training tool accepting ``scopes`` runs for the command line ``argv``."""
+    from argparse import ArgumentParser
+
+    from convmae_backbone import cli
+    return cli.config_from_args(cli.parse_args(cli.add_common_args(ArgumentParser()), argv), scopes)
+
+
+def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
+    cfg_file = tmp_path / 'seg_like.py'
+    cfg_file.write_text("default_scope = 'mmseg'\n"
+                        "optim_wrapper = dict(type='AmpOptimWrapper', loss_scale=512.0, optimizer=dict(lr=1.0))\n"
+                        "param_scheduler = [dict(type='LinearLR', by_epoch=False, begin=0, end=5),\n"
+                        "                   dict(type='CosineAnnealingLR', begin=0)]\n"
+                        "train_cfg = dict(max_epochs=3)\n")
+    with pytest.raises(ValueError, match=r'seg_like.py has no auto_scale_lr.base_batch_size; --auto-scale-lr'):
+        _training_config([str(cfg_file), '--auto-scale-lr'])
+    with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
+        _training_config([str(cfg_file), '--amp'])
+    with pytest.raises(ValueError, match=r'param_scheduler\[1\] \(CosineAnnealingLR\) begins at epoch 3 but '
+                                         r'train_cfg.max_epochs is 3'):
+        _training_config([str(cfg_file), '--cfg-options', 'param_scheduler.1.begin=3'])
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only the config is built, nothing runs
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # asked by the logger of the warning
+    cfg = _training_config([str(cfg_file), '--amp', '--resume', '--cfg-options', 'train_cfg.max_epochs=9'])
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 512.0  # kept
+    assert cfg.resume is True and cfg.load_from is None and cfg.train_cfg.max_epochs == 9
+
+
+def test_downstream_configs_take_the_training_options():
+    from helpers import BASE_CFG
+
+    from convmae_backbone.cli import DOWNSTREAM_SCOPES
+    from convmae_backbone.demo import DET_CONFIG, SEG_CONFIG
+    cfg = _training_config([DET_CONFIG, '--auto-scale-lr', '--resume', 'x/epoch_3.pth'], DOWNSTREAM_SCOPES)
+    assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=32) and cfg.load_from == 'x/epoch_3.pth'
+    with pytest.raises(ValueError, match=osp.basename(SEG_CONFIG) + ' has no auto_scale_lr.base_batch_size'):
+        _training_config([SEG_CONFIG, '--auto-scale-lr'], DOWNSTREAM_SCOPES)
+    with pytest.raises(ValueError, match=r"default_scope must be one of \('mmdet', 'mmseg'\), got 'mmengine'"):
+        _training_config([str(BASE_CFG)], DOWNSTREAM_SCOPES)
+
+
+def test_build_runner_takes_runner_type_from_the_scope_registry(tmp_path):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    from convmae_backbone.cli import build_runner, load_config
+
+    class MarkedRunner(Runner):
+        pass
+
+    RUNNERS.register_module(module=MarkedRunner, force=True)
+    cfg_file = tmp_path / 'runner.py'
+    cfg_file.write_text(f"default_scope = 'mmengine'\nmodel = dict(type='ConvMAEPretrainer', img_size=32, "
+                        f"**{TINY_ARCH!r})\n")
+    cfg = load_config(str(cfg_file), work_dir=str(tmp_path / 'work'))
+    assert type(build_runner(cfg)) is Runner
+    cfg.runner_type = 'MarkedRunner'
+    assert type(build_runner(cfg)) is MarkedRunner
+
+
+def test_tool_command_lines(tmp_path):
+    """The tools are the package's functions behind the command line: the shared options, tool by tool."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    def usage(tool: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / 'tools' / tool), *args], capture_output=True,
+                              text=True, timeout=120)
+
+    train, test = usage('train.py', '--help').stdout, usage('test.py', '--help').stdout
+    for option in ('--work-dir', '--cfg-options', '--launcher', '--local-rank'):
+        assert option in train and option in test
+    for option in ('--amp', '--auto-scale-lr', '--resume [CKPT]'):
+        assert option in train and option not in test
+    assert 'checkpoint' in test and '--show-dir' in test
+    torch.save({'state_dict': {'conv.weight': torch.zeros(2, 2)}}, tmp_path / 'other.pth')
+    failed = usage('export_backbone.py', str(tmp_path / 'other.pth'), str(tmp_path / 'out.pth'))
+    assert failed.returncode != 0 and 'holds no ConvMAE encoder' in failed.stderr
+
+
+def test_demo_reads_the_backbone_architecture_of_a_checkpoint(tmp_path, capsys):
+    from mmengine.config import Config
+
+    from convmae_backbone.demo import DEMO_CONFIG, checkpoint_arch
+    from convmae_backbone.export import encoder_state_dict
+    demo_model = Config.fromfile(DEMO_CONFIG).model
+    arch = {k: demo_model[k] for k in ('img_size', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios')}
+    state = MODELS.build(dict(type='ConvMAEPretrainer', **arch, decoder_embed_dim=32, decoder_depth=1,
+                              decoder_num_heads=1)).state_dict()
+    expected = dict(arch, in_channels=3, patch_sizes=(4, 2, 2))
+    torch.save(encoder_state_dict(state), tmp_path / 'exported.pth')  # no config: the demo config's heads
+    assert checkpoint_arch(str(tmp_path / 'exported.pth')) == expected and arch['num_heads'] == 4
+    assert checkpoint_arch(str(tmp_path / 'exported.pth'), num_heads=8)['num_heads'] == 8
+    meta = dict(cfg="model = dict(type='ConvMAEPretrainer', num_heads=2, decoder_num_heads=16)\n")
+    torch.save(dict(meta=meta, state_dict=state), tmp_path / 'run.pth')  # the config the run recorded
+    assert checkpoint_arch(str(tmp_path / 'run.pth')) == dict(expected, num_heads=2)
+    torch.save(encoder_state_dict(tiny_model().state_dict()), tmp_path / 'unknown.pth')
+    assert checkpoint_arch(str(tmp_path / 'unknown.pth'))['num_heads'] == 1  # 64-channel heads of 96
+    assert 'number of heads not recorded' in capsys.readouterr().out

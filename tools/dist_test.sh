@@ -1,25 +1,6 @@
 #!/usr/bin/env bash
 # Distributed evaluation with torchrun: bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [tools/test.py ARGS]
-# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT. PYTHON selects the interpreter.
+# Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT (tools/torchrun.sh). PYTHON selects the interpreter.
 set -euo pipefail
-if [ $# -lt 3 ]; then
-    echo "usage: $0 CONFIG CHECKPOINT GPUS [ARGS...]" >&2
-    exit 2
-fi
-CONFIG=$1
-CHECKPOINT=$2
-GPUS=$3
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-PORT=${PORT:-29500}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-TOOLS_DIR=$(cd "$(dirname "$0")" && pwd)
-
-PYTHONPATH="$TOOLS_DIR/..${PYTHONPATH:+:$PYTHONPATH}" \
-"${PYTHON:-python}" -m torch.distributed.run \
-    --nnodes="$NNODES" \
-    --node_rank="$NODE_RANK" \
-    --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$GPUS" \
-    --master_port="$PORT" \
-    "$TOOLS_DIR/test.py" "$CONFIG" "$CHECKPOINT" --launcher pytorch "${@:4}"
+exec bash "$(dirname "$0")/torchrun.sh" "${3:?usage: $0 CONFIG CHECKPOINT GPUS [ARGS...]}" test.py "$1" "$2" \
+    --launcher pytorch "${@:4}"

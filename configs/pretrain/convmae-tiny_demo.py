@@ -1,7 +1,6 @@
 # A small ConvMAE pretrained for a few minutes on CPU on views of the photographs shipped with scikit-image
-# (written by tools/demo.py, or convmae_backbone.data.write_demo_images). Same recipe as the base config,
-# scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 12 epochs of 17 iterations
-# (about 2 minutes on 2 idle CPU cores; the loss falls from ~1.0 to ~0.7 in the first epochs).
+# (written by tools/demo.py, or convmae_backbone.demo.write_demo_images). Same recipe as the base config,
+# scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 12 epochs of 17 iterations.
 _base_ = ['./convmae-b_8xb128-1600e_in1k.py']
 
 data_root = 'demo_output/images/'

@@ -1,0 +1,84 @@
+"""The ConvMAE architecture a state dict was made with, read from its tensor shapes.
+
+Shapes give the input channels, patch sizes, embedding dims, depths, MLP ratios and the pretraining image size
+(grid of ``pos_embed``). The number of stage-3 heads leaves no trace in the shapes except in relative-position
+tables (fine-tuned checkpoints with ``use_rel_pos_bias``): it is taken from the caller, else from those tables,
+else 64-channel heads are assumed (as in ConvMAE-Base and -Large).
+"""
+import math
+import re
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+
+from torch import Tensor
+
+#: The :class:`ConvViT` keyword arguments that weight shapes fix, compared by :func:`check_arch`. ``img_size``
+#: is not among them (``pos_embed`` is resized to the model's grid on loading), nor ``num_heads``.
+SHAPE_FIELDS = ('in_channels', 'patch_sizes', 'embed_dims', 'depths', 'mlp_ratios')
+
+HEAD_DIM = 64
+
+
+def _ratio(hidden: int, dim: int) -> Union[int, float]:
+    r = hidden / dim
+    return int(r) if r.is_integer() else r
+
+
+def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
+    """ConvMAE keyword arguments (``img_size``, ``in_channels``, ``patch_sizes``, ``embed_dims``, ``depths``,
+    ``num_heads``, ``mlp_ratios``) of the encoder weights in ``state_dict`` (encoder names, no wrapper prefix:
+    see :func:`.weights.extract_state_dict`). Per-stage values are 3-tuples; ``img_size`` is an int (the
+    square ``pos_embed`` grid times the product of the patch sizes). Raises ``ValueError`` naming a missing
+    key or an impossible shape."""
+    def get(key: str) -> Tensor:
+        if key not in state_dict:
+            raise ValueError(f'no {key} among the weights (first keys: {list(state_dict)[:5]}); not a ConvMAE '
+                             f'encoder?')
+        return state_dict[key]
+
+    projections = [get(f'patch_embed{i}.proj.weight') for i in (1, 2, 3)]  # (C_out, C_in, p, p)
+    embed_dims = tuple(int(w.shape[0]) for w in projections)
+    patch_sizes = tuple(int(w.shape[-1]) for w in projections)
+    depths = tuple(len({m.group(1) for k in state_dict for m in [re.match(rf'blocks{i}\.(\d+)\.', k)] if m})
+                   for i in (1, 2, 3))
+    mlp_ratios = tuple(_ratio(int(get(f'blocks{i}.0.mlp.fc1.weight').shape[0]), embed_dims[i - 1])
+                       for i in (1, 2, 3))
+    tokens = int(get('pos_embed').shape[1])
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise ValueError(f'pos_embed has {tokens} tokens, not a square grid; cannot infer img_size')
+    if num_heads is None:
+        rel_pos = state_dict.get('blocks3.0.attn.rel_pos_h')  # (2 * size - 1, head_dim)
+        num_heads = embed_dims[2] // int(rel_pos.shape[1] if rel_pos is not None else HEAD_DIM)
+    if num_heads < 1 or embed_dims[2] % num_heads:
+        raise ValueError(f'num_heads must divide the stage-3 width {embed_dims[2]}, got {num_heads}')
+    return dict(img_size=side * math.prod(patch_sizes), in_channels=int(projections[0].shape[1]),
+                patch_sizes=patch_sizes, embed_dims=embed_dims, depths=depths, num_heads=int(num_heads),
+                mlp_ratios=mlp_ratios)
+
+
+def _per_stage(value) -> Tuple:
+    return tuple(value) if isinstance(value, Sequence) else (value,) * 3
+
+
+def _normalised(field: str, value, embed_dims: Sequence[int]):
+    """Comparable form of a config ``value``: per-stage fields as 3-tuples, MLP ratios as hidden widths."""
+    if field == 'in_channels':
+        return int(value)
+    value = _per_stage(value)
+    if field == 'mlp_ratios':
+        return tuple(int(d * r) for d, r in zip(embed_dims, value))
+    return tuple(int(v) for v in value)
+
+
+def check_arch(config: Mapping[str, object], inferred: Mapping[str, object], source: str) -> None:
+    """Raise one ``ValueError`` listing every :data:`SHAPE_FIELDS` entry of ``config`` (ConvMAE keyword
+    arguments; fields it does not set are not compared) that differs from ``inferred`` (:func:`infer_arch` of
+    the weights in ``source``). MLP ratios agree when they give the same hidden widths."""
+    dims = inferred['embed_dims']
+    differing = [f'{field}: config {config[field]!r}, checkpoint {inferred[field]!r}'
+                 for field in SHAPE_FIELDS
+                 if field in config and _normalised(field, config[field], dims) != _normalised(
+                     field, inferred[field], dims)]
+    if differing:
+        raise ValueError(f'the architecture in the config differs from the weights in {source}: '
+                         + '; '.join(differing))

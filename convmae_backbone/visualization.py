@@ -1,0 +1,118 @@
+"""What a ConvMAE pretraining checkpoint reconstructs (``tools/visualize_reconstruction.py``).
+
+One row per image: original | masked input | reconstruction | reconstruction with the visible blocks pasted
+back. With a norm-pix model the predicted patches are un-normalised with each target patch's own mean and
+variance, as in MAE.
+"""
+import glob
+import os.path as osp
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from mmengine.config import Config
+from PIL import Image
+
+from .checkpoint import CheckpointError, safe_torch_load
+from .data import to_rgb8
+from .models import ConvMAEPretrainer
+from .models.masking import upsample_mask
+from .models.utils import patchify, unpatchify
+from .models.weights import extract_state_dict
+
+
+def stored_config(ckpt: dict) -> Optional[Config]:
+    """The config mmengine stores in a loaded checkpoint's ``meta.cfg``, or None."""
+    text = (ckpt.get('meta') or {}).get('cfg') if isinstance(ckpt, dict) else None
+    return Config.fromstring(text, '.py') if isinstance(text, str) and text else None
+
+
+def find_config(ckpt_path: str, ckpt: dict, config: Optional[str] = None) -> Config:
+    """``config``, else the config text mmengine stores in the checkpoint's ``meta.cfg``, else the single .py
+    next to the checkpoint; raises :class:`CheckpointError` if there is none of them."""
+    if config:
+        return Config.fromfile(config)
+    stored = stored_config(ckpt)
+    if stored is not None:
+        return stored
+    candidates = glob.glob(osp.join(osp.dirname(osp.abspath(ckpt_path)), '*.py'))
+    if len(candidates) == 1:
+        return Config.fromfile(candidates[0])
+    raise CheckpointError(f'{ckpt_path} stores no config and there is no single *.py next to it '
+                          f'({len(candidates)} found); pass --config')
+
+
+def build_model(ckpt_path: str, config: Optional[str] = None,
+                mask_ratio: Optional[float] = None) -> ConvMAEPretrainer:
+    """The ConvMAEPretrainer of the config (:func:`find_config`), with the checkpoint's weights, in eval mode."""
+    from mmengine.registry import MODELS
+    ckpt = safe_torch_load(ckpt_path)
+    model_cfg = find_config(ckpt_path, ckpt, config).model.copy()
+    if mask_ratio is not None:
+        model_cfg.mask_ratio = mask_ratio
+    model = MODELS.build(model_cfg)
+    model.load_state_dict(extract_state_dict(ckpt), strict=True)
+    return model.eval()
+
+
+def load_square(path: str, size: int) -> torch.Tensor:
+    """Image file -> uint8 (3, size, size): shorter side resized to ``size`` (bicubic), centre crop."""
+    with Image.open(path) as img:
+        img = to_rgb8(img)
+        w, h = img.size
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def reconstruct(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """images uint8 (B, 3, H, W) -> uint8 panels (B, 4, 3, H, W): original, masked, reconstruction, pasted.
+    The random mask is drawn from ``seed``."""
+    pre = model.data_preprocessor
+    x = pre(dict(inputs=list(images)), False)['inputs']  # normalised float (B, 3, H, W)
+    generator = torch.Generator().manual_seed(seed)
+    _, pred, mask = model.forward_mae(x, generator=generator)  # pred (B, L, p*p*3), mask (B, L) True=masked
+    p = model.patch_size
+    hw = (x.shape[2] // p, x.shape[3] // p)
+    if model.norm_pix_loss:
+        target = patchify(x, p)
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1.0e-6) ** 0.5 + mean
+    recon = unpatchify(pred, hw, p, channels=x.shape[1])
+    pixel_mask = upsample_mask(mask.to(x.dtype), hw, p)  # (B, 1, H, W), 1 = masked
+
+    original = images.to(torch.uint8)
+    masked = (original.float() * (1 - pixel_mask) + 127 * pixel_mask).to(torch.uint8)
+    recon8 = (recon * pre.std + pre.mean).round().clamp(0, 255).to(torch.uint8)
+    pasted = (recon8.float() * pixel_mask + original.float() * (1 - pixel_mask)).to(torch.uint8)
+    return torch.stack([original, masked, recon8, pasted], dim=1)
+
+
+def save_grid(panels: torch.Tensor, out: str, scale: int = 1) -> Tuple[int, int]:
+    """uint8 (B, 4, 3, H, W) -> PNG with one row per image, upscaled ``scale`` times; returns its
+    (width, height)."""
+    b, n, c, h, w = panels.shape
+    grid = panels.permute(0, 3, 1, 4, 2).reshape(b * h, n * w, c).numpy()
+    img = Image.fromarray(grid)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(out)
+    return img.size
+
+
+def visualize(ckpt_path: str, images: Sequence[str], out: str, config: Optional[str] = None,
+              img_size: Optional[int] = None, seed: int = 0, mask_ratio: Optional[float] = None,
+              scale: int = 1) -> Tuple[int, int]:
+    """Write the reconstruction grid (:func:`reconstruct`, :func:`save_grid`) of the image files ``images`` to
+    the PNG ``out``, each resized and centre-cropped to ``img_size`` (default: the model's); returns the PNG's
+    (width, height), ``(4 * img_size * scale, len(images) * img_size * scale)``."""
+    model = build_model(ckpt_path, config, mask_ratio)
+    size = img_size or model.pos_grid[0] * model.patch_size
+    if size % model.patch_size:
+        raise ValueError(f'img_size must be a multiple of {model.patch_size}, got {size}')
+    batch = torch.stack([load_square(p, size) for p in images])
+    return save_grid(reconstruct(model, batch, seed), out, scale)

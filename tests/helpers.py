@@ -1,0 +1,55 @@
+"""Helpers shared by several test modules: tiny pretraining configs and images to train them on."""
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-b_8xb128-1600e_in1k.py'
+DEMO_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-tiny_demo.py'
+TINY_ARCH = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, decoder_embed_dim=64, decoder_depth=1,
+                 decoder_num_heads=4)
+
+
+def make_images(root: Path, n: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """``n`` smooth random RGB JPEGs in root/train/cls{0,1}/."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        freq = rng.uniform(1, 4, 3)
+        img = np.stack([np.sin(freq[c] * (xx + yy * c) * np.pi) for c in range(3)], -1) * 100 + 128
+        img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+        folder = root / 'train' / f'cls{i % 2}'
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / f'{i}.jpg')
+    return root
+
+
+def write_tiny_config(path: Path, data_root: Path, max_epochs: int = 2, seed: int = 123,
+                      extra: Optional[str] = None) -> Path:
+    """A config inheriting the base recipe with a tiny model on 32x32 crops, batch 4, a checkpoint per epoch."""
+    text = f'''
+_base_ = [{str(BASE_CFG)!r}]
+model = dict(img_size=32, **{TINY_ARCH!r})
+train_pipeline = [
+    dict(type='LoadRGBImage'),
+    dict(type='MAERandomResizedCrop', size=32, scale=(0.2, 1.0)),
+    dict(type='MAERandomFlip', prob=0.5),
+    dict(type='PackMAEInputs'),
+]
+train_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False,
+                        dataset=dict(data_root={str(data_root)!r}, pipeline=train_pipeline))
+optim_wrapper = dict(optimizer=dict(lr=1e-3))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.1, by_epoch=True, begin=0, end=1, convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=1, convert_to_iter_based=True),
+]
+train_cfg = dict(max_epochs={max_epochs})
+default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1, max_keep_ckpts=-1))
+env_cfg = dict(dist_cfg=dict(backend='gloo'))
+log_processor = dict(window_size=1)
+randomness = dict(seed={seed}, deterministic=True)
+'''
+    path.write_text(text + (extra or ''))
+    return path

@@ -1,0 +1,68 @@
+"""models/arch.py: the architecture read back from the weights of models of several sizes, and the one error
+that lists every field where a config and a checkpoint disagree."""
+import pytest
+
+from convmae_backbone import ConvMAE, ConvMAEPretrainer
+from convmae_backbone.models.arch import check_arch, infer_arch
+
+ARCHS = [
+    dict(img_size=32, in_channels=3, patch_sizes=(4, 2, 2), embed_dims=(16, 24, 64), depths=(1, 1, 2),
+         num_heads=1, mlp_ratios=(4, 4, 4)),
+    dict(img_size=48, in_channels=1, patch_sizes=(4, 2, 2), embed_dims=(8, 16, 128), depths=(2, 3, 1),
+         num_heads=2, mlp_ratios=(4, 3, 2.5)),
+    dict(img_size=64, in_channels=3, patch_sizes=(2, 2, 4), embed_dims=(8, 12, 64), depths=(1, 2, 3),
+         num_heads=1, mlp_ratios=(2, 1.5, 4)),
+]
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+@pytest.mark.parametrize('cls', [ConvMAEPretrainer, ConvMAE])
+def test_infer_arch_recovers_the_keyword_arguments(arch, cls):
+    model = cls(**arch)
+    inferred = infer_arch(model.state_dict())
+    assert inferred == arch  # num_heads: 64-channel heads by default, as these models have
+    check_arch(arch, inferred, 'model')  # agrees with itself
+    model.__class__(**inferred).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_num_heads_from_caller_or_relative_position_tables():
+    arch = dict(ARCHS[0], num_heads=4)
+    plain = ConvMAE(**arch).state_dict()
+    assert infer_arch(plain)['num_heads'] == 1  # no trace of the heads: 64-channel heads assumed
+    assert infer_arch(plain, num_heads=4)['num_heads'] == 4
+    with_rel_pos = ConvMAE(**arch, use_rel_pos_bias=True).state_dict()  # rel_pos_h: (2 * 2 - 1, 16)
+    assert infer_arch(with_rel_pos)['num_heads'] == 4
+    with pytest.raises(ValueError, match='num_heads must divide the stage-3 width 64, got 3'):
+        infer_arch(plain, num_heads=3)
+
+
+def test_mlp_ratios_compare_by_hidden_width():
+    inferred = infer_arch(ConvMAE(**dict(ARCHS[0], mlp_ratios=(4 / 3, 4, 4))).state_dict())
+    assert inferred['mlp_ratios'] == (1.3125, 4, 4)  # int(16 * 4 / 3) = 21 hidden channels
+    check_arch(dict(mlp_ratios=(4 / 3, 4, 4)), inferred, 'ckpt')
+    check_arch(dict(mlp_ratios=4, img_size=1024, num_heads=12), infer_arch(ConvMAE(**ARCHS[0]).state_dict()),
+               'ckpt')  # a scalar applies to all stages; img_size and num_heads are not compared
+
+
+def test_check_arch_lists_every_differing_field():
+    inferred = infer_arch(ConvMAE(**ARCHS[1]).state_dict())
+    config = dict(ARCHS[1], embed_dims=(8, 16, 96), depths=[2, 3, 1], mlp_ratios=4, patch_sizes=(4, 2, 2))
+    with pytest.raises(ValueError) as info:
+        check_arch(config, inferred, 'backbone.pth')
+    message = str(info.value)
+    assert message.startswith('the architecture in the config differs from the weights in backbone.pth: ')
+    assert 'embed_dims: config (8, 16, 96), checkpoint (8, 16, 128)' in message
+    assert 'mlp_ratios: config 4, checkpoint (4, 3, 2.5)' in message
+    assert 'depths' not in message and 'patch_sizes' not in message and 'in_channels' not in message
+    assert message.count(': config ') == 2
+
+
+def test_infer_arch_errors_name_the_cause():
+    state = ConvMAE(**ARCHS[0]).state_dict()
+    del state['patch_embed2.proj.weight']
+    with pytest.raises(ValueError, match=r'no patch_embed2.proj.weight among the weights'):
+        infer_arch(state)
+    state = ConvMAE(**ARCHS[0]).state_dict()
+    state['pos_embed'] = state['pos_embed'][:, :3]
+    with pytest.raises(ValueError, match='pos_embed has 3 tokens, not a square grid'):
+        infer_arch(state)
