@@ -91,11 +91,50 @@ def test_det_config_recipe(det_cfg):
     warmup, cosine = det_cfg.param_scheduler
     # 0.5% of the official 92,187 iterations, from 0.001; cosine to 0 over all iterations
     assert (warmup.type, warmup.start_factor, warmup.by_epoch, warmup.begin, warmup.end) == (
-        'LinearLR', 0.001, False, 0, 461)
+        'LinearLR', 0.001, False, 0, 462)
     assert (cosine.type, cosine.eta_min, cosine.begin, cosine.end, cosine.by_epoch, cosine.convert_to_iter_based) == (
         'CosineAnnealingLR', 0.0, 0, 25, True, True)
     assert det_cfg.train_cfg.max_epochs == 25
     assert det_cfg.train_dataloader.batch_size * 8 == det_cfg.auto_scale_lr.base_batch_size == 32
+
+
+def _lr_curve(param_scheduler: list, steps: int, iters_per_epoch: int = 1) -> list:
+    """The lr of an optimizer with base lr 1 at steps 0..steps-1 under these scheduler configs."""
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR, PolyLR
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    types = dict(LinearLR=LinearLR, CosineAnnealingLR=CosineAnnealingLR, PolyLR=PolyLR)
+    schedulers = []
+    for cfg in param_scheduler:
+        cfg = dict(cfg)
+        cls = types[cfg.pop('type')]
+        if cfg.pop('convert_to_iter_based', False):
+            schedulers.append(cls.build_iter_from_epoch(optimizer, epoch_length=iters_per_epoch, **cfg))
+        else:
+            schedulers.append(cls(optimizer, **cfg))
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        for s in schedulers:
+            s.step()
+    return lrs
+
+
+def test_det_lr_schedule_follows_detectron2(det_cfg):
+    """Warm-up and cosine as detectron2's WarmupParamScheduler(CosineParamScheduler(1, 0), warmup_length=0.005,
+    warmup_factor=0.001) over the official 92,187 iterations (here 25 epochs of 3687.48 iterations: 25 x 3687)."""
+    import math
+    max_iter = 25 * 3687
+    lrs = _lr_curve(det_cfg.param_scheduler, 1200, iters_per_epoch=3687)
+
+    def official(t):
+        cosine = lambda x: 0.5 * (1 + math.cos(math.pi * x))  # noqa: E731
+        where, warm = t / max_iter, 0.005
+        if where < warm:
+            return 0.001 + (cosine(warm) - 0.001) * where / warm
+        return cosine(where)
+
+    assert max(abs(lr - official(t)) / official(t) for t, lr in enumerate(lrs)) < 3e-4
+    assert lrs[500:] == pytest.approx([official(t) for t in range(500, 1200)], rel=1e-9)
 
 
 def test_det_checkpoint_override(det_cfg):
@@ -137,7 +176,7 @@ def test_det_weight_decay_groups(det_cfg, detector):
     optim_wrapper = build_optim_wrapper(detector, optim_cfg)
     ids = {id(p): n for n, p in detector.named_parameters()}
     wd = {ids[id(p)]: g['weight_decay'] for g in optim_wrapper.optimizer.param_groups for p in g['params']}
-    assert len(wd) == len(ids)
+    assert set(wd) == {n for n, p in detector.named_parameters() if p.requires_grad}
     # as detectron2's get_default_optimizer_params(weight_decay_norm=0, overrides={pos_embed, tables: 0})
     for name in ('backbone.windowed_rel_pos_bias.relative_position_bias_table',
                  'backbone.global_rel_pos_bias.relative_position_bias_table',
@@ -152,7 +191,7 @@ def test_det_weight_decay_groups(det_cfg, detector):
                  'roi_head.bbox_head.fc_cls.weight', 'roi_head.bbox_head.fc_cls.bias'):
         assert wd[name] == 0.1, name
     frozen = [n for n, p in detector.named_parameters() if not p.requires_grad]
-    assert frozen == ['backbone.pos_embed']
+    assert frozen == ['backbone.pos_embed']  # the official detection backbone freezes it
     lrs = {g['lr'] for g in optim_wrapper.optimizer.param_groups}
     assert lrs == {8e-5}  # no layer decay
 
@@ -194,10 +233,22 @@ def test_seg_config_recipe(seg_cfg):
     warmup, poly = seg_cfg.param_scheduler
     # mmcv 1.x: linear warm-up from 1e-6 multiplies the poly schedule, which runs over all iterations
     assert (warmup.type, warmup.start_factor, warmup.by_epoch, warmup.begin, warmup.end) == (
-        'LinearLR', 1e-6, False, 0, 1500)
+        'LinearLR', 1e-6, False, 0, 1501)
     assert (poly.type, poly.power, poly.eta_min, poly.by_epoch, poly.begin, poly.end) == (
-        'PolyLR', 1.0, 0.0, False, 0, 160000)
+        'PolyLR', 1.0, 0.0, False, 0, 160001)
     assert seg_cfg.train_cfg.max_iters == 160000
+
+
+def test_seg_lr_schedule_follows_mmcv(seg_cfg):
+    """As mmcv 1.x's PolyLrUpdaterHook(power=1, min_lr=0) with warmup='linear', warmup_iters=1500,
+    warmup_ratio=1e-6 over 160k iterations: lr(t) = poly(t) * (1 - (1 - t / 1500) * (1 - 1e-6)) while warming up."""
+    lrs = _lr_curve(seg_cfg.param_scheduler, 1700)
+
+    def official(t):
+        poly = 1 - t / 160000
+        return poly * (1 - (1 - t / 1500) * (1 - 1e-6)) if t < 1500 else poly
+
+    assert lrs == pytest.approx([official(t) for t in range(1700)], rel=1e-9)
 
 
 def test_segmentor_forward(seg_cfg):

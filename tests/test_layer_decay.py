@@ -111,15 +111,17 @@ def test_warmup_keeps_layer_ratios(upernet):
     saved = [g['lr'] for g in optimizer.param_groups]
     groups = _groups_by_name(optim_wrapper, model)
     head, first = groups['decode_head.conv_seg.weight'], groups['backbone.blocks3.0.attn.qkv.weight']
-    warmup = LinearLR(optimizer, start_factor=1e-6, by_epoch=False, begin=0, end=1500)
-    poly = PolyLR(optimizer, power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=160000)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, poly.type) == ('LinearLR', 'PolyLR')
+    warmup = LinearLR(optimizer, **{k: v for k, v in warmup.items() if k != 'type'})
+    poly = PolyLR(optimizer, **{k: v for k, v in poly.items() if k != 'type'})
     try:
         for _ in range(20):
             warmup.step()
             poly.step()
         assert head['lr'] < 1e-4 * 0.02  # still warming up
         assert first['lr'] / head['lr'] == pytest.approx(0.75 ** 11, rel=1e-6)
-        # as mmcv 1.x's poly with linear warm-up: poly(t) * (1e-6 + (1 - 1e-6) * t / 1500)
+        # as mmcv 1.x's poly with linear warm-up (the official schedule): poly(t) * (1e-6 + (1 - 1e-6) * t / 1500)
         t = 20
         assert head['lr'] == pytest.approx(1e-4 * (1 - t / 160000) * (1e-6 + (1 - 1e-6) * t / 1500), rel=1e-9)
     finally:

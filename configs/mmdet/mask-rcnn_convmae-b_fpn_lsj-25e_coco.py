@@ -85,8 +85,9 @@ optim_wrapper = dict(
         }))
 
 # Official: warm-up over 0.5% of the 92,187 iterations (461) from 0.001, cosine over all iterations to 0.
+# LinearLR reaches 1.0 at step end - 1, so end=462 gives iterations 0-460 the official warm-up slope (1/461).
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=461),
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=462),
     dict(type='CosineAnnealingLR', eta_min=0.0, by_epoch=True, begin=0, end=max_epochs,
          convert_to_iter_based=True),
 ]

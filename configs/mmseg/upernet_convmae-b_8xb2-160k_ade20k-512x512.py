@@ -6,7 +6,7 @@
 # -> GELU; 15x15 for 512 crops). 512x512 crops, 160k iterations at a total batch of 16 (8 GPUs x 2), AdamW
 # (lr 1e-4, wd 0.05) with layer-wise lr decay 0.75 (layers 0..12: stages 1-2, patch embeddings and pos_embed 0,
 # blocks3.i i + 1, the rest 12), linear warm-up over 1500 iterations from 1e-6 times the poly schedule, poly
-# decay (power 1) to 0 over all 160k iterations, mixed precision, sliding-window test.
+# decay (power 1) over all 160k iterations, mixed precision, sliding-window test.
 #
 # Train on 8 GPUs:
 #   bash tools/dist_train.sh configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py 8 \
@@ -57,10 +57,12 @@ optim_wrapper = dict(
     # prefix and never match); False gives the clean rule (no decay on those either).
     paramwise_cfg=dict(num_layers=num_layers, layer_decay_rate=0.75, decay_position=True))
 
-# Both from iteration 0, multiplied while both run, as mmcv 1.x's poly schedule with linear warm-up.
+# As mmcv 1.x's poly schedule with linear warm-up: both from iteration 0, multiplied while both run,
+# lr(t) = 1e-4 * (1 - t / 160000) * (1e-6 + (1 - 1e-6) * min(t, 1500) / 1500). mmengine's LinearLR and PolyLR
+# reach their end value at step end - 1, hence the ends 1501 and 160001.
 param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=160000),
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1501),
+    dict(type='PolyLR', power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=160001),
 ]
 
 # 8 GPUs x 2 images

@@ -68,6 +68,11 @@ def _square_grid(n: int, key: str, path: str) -> Tuple[int, int]:
     return side, side
 
 
+def _at_least_float32(value: Tensor) -> Tensor:
+    """``value`` in float32, or float64 if it is float64 (interpolation in half precision is inexact)."""
+    return value.to(torch.promote_types(value.dtype, torch.float32))
+
+
 def adapt_tensor(model: nn.Module, key: str, value: Tensor, target: torch.Size, path: str) -> Tensor:
     """``value`` of checkpoint ``key`` shaped for the model's ``target`` shape: ``pos_embed`` resized to the
     model's grid, relative-position tables interpolated; any other mismatch raises :class:`CheckpointError`."""
@@ -76,7 +81,7 @@ def adapt_tensor(model: nn.Module, key: str, value: Tensor, target: torch.Size, 
     if key.endswith('pos_embed') and value.dim() == 3 and value.shape[-1] == target[-1]:
         src, dst = _square_grid(value.shape[1], key, path), model.pos_grid
         print_log(f'resized {key} from grid {src} to {dst}', logger='current')
-        return resize_pos_embed(value.float(), src, dst).to(value.dtype)
+        return resize_pos_embed(_at_least_float32(value), src, dst).to(value.dtype)
     if key.endswith(('rel_pos_h', 'rel_pos_w')) and value.shape[1:] == target[1:]:
         return F.interpolate(value.t().unsqueeze(0).float(), size=target[0], mode='linear').squeeze(0).t().to(
             value.dtype)
@@ -87,7 +92,7 @@ def adapt_tensor(model: nn.Module, key: str, value: Tensor, target: torch.Size, 
         src = ((side + 1) // 2,) * 2
         dst = model.get_submodule(key.rsplit('.', 1)[0]).table_size
         print_log(f'resized {key} from grid {src} to {dst}', logger='current')
-        return resize_relative_position_table(value.float(), src, dst).to(value.dtype)
+        return resize_relative_position_table(_at_least_float32(value), src, dst).to(value.dtype)
     raise CheckpointError(f'{path}: shape mismatch for {key}: checkpoint {tuple(value.shape)}, model '
                           f'{tuple(target)} (a different architecture?)')
 
