@@ -76,12 +76,10 @@ def test_det_config_recipe(det_cfg):
     assert _transform(train_pipeline, 'RandomCrop').crop_size == (1024, 1024)
     assert _transform(train_pipeline, 'RandomFlip').prob == 0.5
     assert det_cfg.train_dataloader.dataset.times == 1
-    # test: longer side 1024, padded to 1024x1024 with grey 128 (detectron2's FixedSizeCrop)
+    # test: longer side 1024, padded to 1024x1024 (detectron2's ResizeShortestEdge(1024, 1024) + FixedSizeCrop)
     test_pipeline = det_cfg.test_dataloader.dataset.pipeline
     assert _transform(test_pipeline, 'Resize').scale == (1024, 1024) and _transform(test_pipeline, 'Resize').keep_ratio
-    assert _transform(test_pipeline, 'Pad').size == (1024, 1024)
-    assert _transform(test_pipeline, 'Pad').pad_val == dict(img=(128, 128, 128))
-    assert [t.type for t in test_pipeline].index('Pad') < [t.type for t in test_pipeline].index('LoadAnnotations')
+    assert det_cfg.model.data_preprocessor.pad_size_divisor == 1024
 
     ow = det_cfg.optim_wrapper
     assert ow.type == 'AmpOptimWrapper' and 'constructor' not in ow  # no layer decay
@@ -168,6 +166,18 @@ def test_detector_features_and_prediction(detector):
     assert len(inst.bboxes) <= 100
     if len(inst.bboxes):
         assert float(inst.bboxes[:, 2].max()) <= 96 + 1e-3 and tuple(inst.masks.shape[1:]) == (128, 96)
+
+
+def test_det_test_inputs_are_padded_to_1024(detector):
+    """Every test image (longer side 1024) reaches the backbone as 1024x1024, the grid of its position embedding
+    and global table; img_shape keeps the real extent, so boxes are clipped to the image, not to the padding."""
+    from mmdet.structures import DetDataSample
+    sample = DetDataSample(metainfo=dict(img_shape=(683, 1024), ori_shape=(480, 720), scale_factor=(1.42, 1.42)))
+    data = dict(inputs=[torch.randint(0, 256, (3, 683, 1024), dtype=torch.uint8)], data_samples=[sample])
+    out = detector.data_preprocessor(data, training=False)
+    assert tuple(out['inputs'].shape) == (1, 3, 1024, 1024)
+    assert out['data_samples'][0].img_shape == (683, 1024)
+    assert torch.all(out['inputs'][0, :, 683:] == 0)  # padded with the mean colour
 
 
 def test_det_weight_decay_groups(det_cfg, detector):

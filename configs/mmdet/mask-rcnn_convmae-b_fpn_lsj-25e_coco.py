@@ -11,8 +11,8 @@
 # - 25 epochs of mmdet's filtered COCO train set at batch 32 (about 91.6k iterations; officially 92,187).
 # - warm-up and cosine multiply (mmengine), so warm-up ends at 1.0 x cosine; detectron2 interpolates linearly to
 #   the cosine value at 0.5% (a difference below 1e-4 of the lr).
-# - training images are padded to 1024x1024 with the mean colour after normalisation (mmdet's
-#   BatchFixedSizePad); detectron2's FixedSizeCrop pads with grey 128 (as the test pipeline below does).
+# - images are padded to 1024x1024 with the mean colour (0 after normalisation); detectron2's FixedSizeCrop pads
+#   with grey 128.
 #
 # Train on 8 GPUs x 4 images:
 #   bash tools/dist_train.sh configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py 8 \
@@ -31,7 +31,8 @@ norm_cfg = dict(type='SyncBN', requires_grad=True)
 batch_augments = [dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]
 
 model = dict(
-    data_preprocessor=dict(pad_size_divisor=32, batch_augments=batch_augments),
+    # every image, at most 1024x1024 after resizing, is padded to 1024x1024 (0 after normalisation: the mean colour)
+    data_preprocessor=dict(pad_size_divisor=1024, batch_augments=batch_augments),
     backbone=dict(
         _delete_=True,
         type='ConvMAE',
@@ -56,12 +57,11 @@ model = dict(
         bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256, norm_cfg=norm_cfg),
         mask_head=dict(norm_cfg=norm_cfg)))
 
-# Test as officially: longer side 1024, padded to 1024x1024 with grey 128 (detectron2's FixedSizeCrop), so the
-# backbone sees the 64x64 grid its position embedding and global table are built for.
+# Test as officially: longer side 1024, padded to 1024x1024 (pad_size_divisor above; detectron2's FixedSizeCrop),
+# so the backbone sees the 64x64 grid its position embedding and global table are built for.
 test_pipeline = [
     dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
     dict(type='Resize', scale=image_size, keep_ratio=True),
-    dict(type='Pad', size=image_size, pad_val=dict(img=(128, 128, 128))),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
