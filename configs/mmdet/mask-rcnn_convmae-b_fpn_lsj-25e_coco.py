@@ -10,7 +10,7 @@
 # Deliberate differences from the official code:
 # - 25 epochs of mmdet's filtered COCO train set at batch 32 (about 91.6k iterations; officially 92,187).
 # - warm-up and cosine multiply (mmengine), so warm-up ends at 1.0 x cosine; detectron2 interpolates linearly to
-#   the cosine value at 0.5% (a difference below 1e-4 of the lr).
+#   the cosine value at 0.5% (at most 3e-4 of the lr apart, during warm-up only).
 # - images are padded to 1024x1024 with the mean colour (0 after normalisation); detectron2's FixedSizeCrop pads
 #   with grey 128.
 #

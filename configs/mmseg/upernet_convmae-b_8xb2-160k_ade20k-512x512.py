@@ -7,6 +7,7 @@
 # (lr 1e-4, wd 0.05) with layer-wise lr decay 0.75 (layers 0..12: stages 1-2, patch embeddings and pos_embed 0,
 # blocks3.i i + 1, the rest 12), linear warm-up over 1500 iterations from 1e-6 times the poly schedule, poly
 # decay (power 1) over all 160k iterations, mixed precision, sliding-window test.
+# Deliberate difference from the official code: mixed precision by torch.amp (AmpOptimWrapper) instead of apex.
 #
 # Train on 8 GPUs:
 #   bash tools/dist_train.sh configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py 8 \
