@@ -216,3 +216,31 @@ def test_bad_options_fail_clearly():
                     out_indices=(0, 1, 2, 3))
     with pytest.raises(ValueError, match='at least 48 pixels'):
         model(torch.randn(1, 3, 40, 64))
+
+
+def test_table_of_another_grid_is_resized_at_load_and_bad_tables_fail(official, tmp_path):
+    """A checkpoint table for another square grid is resized bicubically over its offsets (the official SEG
+    loader's rule) when loaded; one that belongs to no square grid is an error naming the key."""
+    from convmae_backbone.checkpoint import CheckpointError
+    from convmae_backbone.models.attention import resize_relative_position_table
+    entry = official['seg']
+    table = entry['state_dict']['blocks3.0.attn.relative_position_bias_table']  # 6x6 grid: (11 * 11, 4)
+    model = ConvMAE(img_size=128, embed_dims=(16, 32, 64), depths=(1, 1, 2), num_heads=4,
+                    rel_pos_bias='per_block', h32='fpn', out_indices=(0, 1, 2, 3),
+                    init_cfg=dict(type='Pretrained', checkpoint=write_checkpoint(
+                        str(tmp_path / 'seg.pth'), 'mmseg', entry['state_dict'])))
+    model.init_weights()
+    loaded = model.blocks3[0].attn.relative_position_bias_table
+    assert loaded.shape == (15 * 15, 4)
+    # the official rule, written out: heads as channels of an (11, 11) image, bicubic to (15, 15)
+    expected = torch.nn.functional.interpolate(table.t().reshape(1, 4, 11, 11), size=(15, 15), mode='bicubic',
+                                               align_corners=False).reshape(4, 225).t()
+    assert torch.allclose(loaded, expected, atol=1e-6)
+    assert torch.equal(resize_relative_position_table(table, (6, 6), (6, 6)), table)
+
+    bad = dict(entry['state_dict'], **{'blocks3.0.attn.relative_position_bias_table': torch.zeros(120, 4)})
+    model = ConvMAE(img_size=96, embed_dims=(16, 32, 64), depths=(1, 1, 2), num_heads=4, rel_pos_bias='per_block',
+                    init_cfg=dict(type='Pretrained', checkpoint=write_checkpoint(str(tmp_path / 'bad.pth'),
+                                                                                 'model', bad)))
+    with pytest.raises(CheckpointError, match='relative_position_bias_table with 120 offsets'):
+        model.init_weights()
