@@ -7,14 +7,19 @@
         type='AmpOptimWrapper',
         constructor='ConvMAELayerDecayOptimWrapperConstructor',
         optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-        paramwise_cfg=dict(num_layers=11, layer_decay_rate=0.75))
+        paramwise_cfg=dict(num_layers=11, layer_decay_rate=0.75, decay_position=True))
 
 Layer ids come from the encoder (:meth:`ConvViT.get_layer_id`): 0 for the patch embeddings, the position
 embedding and the convolutional stages 1-2; ``i + 1`` for stage-3 block ``blocks3.i``; ``num_layers + 1`` for
-everything else (neck, heads). A parameter of layer ``l`` gets
-``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``. One-dimensional
-parameters (norms, biases, layer-scale ``gamma``), ``pos_embed`` and relative-position tables get no weight
-decay.
+everything else (neck, heads, the segmentation backbone's ``fpn`` branch, shared relative position tables). A
+parameter of layer ``l`` gets ``lr = base_lr * layer_decay_rate ** (num_layers + 1 - l)``, as the official
+segmentation code's ``LayerDecayOptimizerConstructor`` with its ``num_layers + 2`` layers.
+
+Weight decay: none for one-dimensional parameters (norms, biases, layer-scale ``gamma``) and names ending in
+``.bias``. With ``decay_position=True`` (default) everything else is decayed, the position embedding and the
+relative position tables included: this is what the official segmentation code does, whose no-decay names
+(``pos_embed``, ``cls_token``) never match the ``backbone.``-prefixed names. ``decay_position=False`` exempts
+them as well (:data:`POSITION_PARAMS`).
 """
 import logging
 from typing import Dict, List, Optional, Tuple
@@ -23,12 +28,16 @@ from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
-NO_DECAY_NAMES = ('pos_embed', 'rel_pos_h', 'rel_pos_w')
+#: Position parameters that ``decay_position=False`` exempts from weight decay.
+POSITION_PARAMS = ('pos_embed', 'rel_pos_h', 'rel_pos_w', 'relative_position_bias_table')
 
 
-def is_no_decay(name: str, param: nn.Parameter) -> bool:
-    """True for 1-D parameters (norms, biases, gammas), the position embedding and relative-position tables."""
-    return param.ndim == 1 or name.split('.')[-1] in NO_DECAY_NAMES
+def is_no_decay(name: str, param: nn.Parameter, decay_position: bool = True) -> bool:
+    """True for 1-D parameters (norms, biases, gammas) and names ending in ``.bias``; with
+    ``decay_position=False`` also for the position embedding and relative position tables."""
+    if param.ndim == 1 or name.endswith('.bias'):
+        return True
+    return not decay_position and name.split('.')[-1] in POSITION_PARAMS
 
 
 class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
@@ -38,17 +47,20 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         num_layers: number of stage-3 blocks (``depths[2]``); checked against the backbone; inferred from it
             when omitted.
         layer_decay_rate: decay per layer (1.0 disables the decay).
+        decay_position: weight decay on the position embedding and relative position tables (True, as the
+            official code) or not (False).
 
     Works for a model with the backbone at ``model.backbone`` (detectors, segmentors) and for a bare ConvMAE.
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
         paramwise_cfg = dict(paramwise_cfg or {})
-        unknown = set(paramwise_cfg) - {'num_layers', 'layer_decay_rate'}
+        unknown = set(paramwise_cfg) - {'num_layers', 'layer_decay_rate', 'decay_position'}
         if unknown:
             raise ValueError(f'{type(self).__name__}: unsupported paramwise_cfg keys {sorted(unknown)}; '
-                             "expected 'num_layers' and 'layer_decay_rate'")
+                             "expected 'num_layers', 'layer_decay_rate' and 'decay_position'")
         paramwise_cfg.setdefault('layer_decay_rate', 1.0)
+        self.decay_position = bool(paramwise_cfg.pop('decay_position', True))
         # A non-empty paramwise_cfg makes the parent call add_params.
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         if self.base_lr is None or self.base_wd is None:
@@ -89,7 +101,7 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 continue
             rel = name[len(prefix + backbone_prefix):] if name.startswith(prefix + backbone_prefix) else None
             layer_id = num_layers + 1 if rel is None else backbone.get_layer_id(rel)
-            no_decay = is_no_decay(name, param)
+            no_decay = is_no_decay(name, param, self.decay_position)
             key = f'layer_{layer_id}_{"no_decay" if no_decay else "decay"}'
             if key not in groups:
                 scale = self.layer_decay_rate ** (num_layers + 1 - layer_id)

@@ -117,8 +117,13 @@ def test_frozen_all_stages_freezes_pos_embed():
     assert not any(p.requires_grad for p in model.parameters())
 
 
-def test_with_cp_gives_same_outputs_and_gradients():
-    ref = _tiny(out_indices=(0, 1, 2, 3), window_size=2, global_attn_indexes=(1,), use_rel_pos_bias=True).train()
+@pytest.mark.parametrize('rel_pos_bias', ['decomposed', 'shared', 'per_block'])
+def test_with_cp_gives_same_outputs_and_gradients(rel_pos_bias):
+    ref = _tiny(out_indices=(0, 1, 2, 3), window_size=2, global_attn_indexes=(1,), rel_pos_bias=rel_pos_bias).train()
+    with torch.no_grad():  # non-zero relative position tables
+        for name, p in ref.named_parameters():
+            if 'rel_pos' in name or 'relative_position' in name:
+                p.normal_(std=0.5)
     cp = copy.deepcopy(ref)
     cp.with_cp = True
     x = torch.randn(2, 3, 64, 80)

@@ -1,5 +1,6 @@
 """Layer-wise lr decay constructor: lr scales and weight decays of concrete parameters, on the full UperNet
-config (ConvMAE-Base, 11 stage-3 blocks, rate 0.75) and on a bare ConvMAE."""
+config (ConvMAE-Base, 11 stage-3 blocks, rate 0.75: the official SEG values of LayerDecayOptimizerConstructor)
+and on a bare ConvMAE."""
 import os.path as osp
 
 import pytest
@@ -58,22 +59,48 @@ def test_full_config_lr_scales_and_weight_decay(upernet):
     check('backbone.patch_embed4.weight', r ** 12, base_wd)
     check('backbone.blocks1.0.conv1.weight', r ** 12, base_wd)
     check('backbone.blocks2.1.mlp.fc2.weight', r ** 12, base_wd)
-    check('backbone.pos_embed', r ** 12, 0.0)
     check('backbone.patch_embed1.norm.weight', r ** 12, 0.0)
     check('backbone.patch_embed1.proj.bias', r ** 12, 0.0)
-    # stage-3 block i -> layer i + 1
+    # official accident: 'backbone.pos_embed' is not the no-decay name 'pos_embed', so it is decayed
+    check('backbone.pos_embed', r ** 12, base_wd)
+    # stage-3 block i -> layer i + 1; its relative position table is 2-D and decayed, as officially
     check('backbone.blocks3.0.attn.qkv.weight', r ** 11, base_wd)
-    check('backbone.blocks3.0.attn.rel_pos_h', r ** 11, 0.0)
+    check('backbone.blocks3.0.attn.relative_position_bias_table', r ** 11, base_wd)
     check('backbone.blocks3.5.mlp.fc1.weight', r ** 6, base_wd)
     check('backbone.blocks3.5.gamma_1', r ** 6, 0.0)
     check('backbone.blocks3.10.mlp.fc1.weight', r ** 1, base_wd)
     check('backbone.blocks3.10.norm2.weight', r ** 1, 0.0)
-    check('backbone.blocks3.10.attn.rel_pos_w', r ** 1, 0.0)
+    check('backbone.blocks3.10.attn.relative_position_bias_table', r ** 1, base_wd)
+    # the fpn branch is no encoder layer: layer 12, full lr
+    check('backbone.fpn.0.weight', 1.0, base_wd)
+    check('backbone.fpn.0.bias', 1.0, 0.0)
+    check('backbone.fpn.1.weight', 1.0, 0.0)
     # heads: full lr, decay on weights only
     check('decode_head.conv_seg.weight', 1.0, base_wd)
     check('decode_head.conv_seg.bias', 1.0, 0.0)
     check('auxiliary_head.conv_seg.weight', 1.0, base_wd)
     check('decode_head.bottleneck.bn.weight', 1.0, 0.0)
+    # every group: lr = base_lr * 0.75 ** (12 - layer id), layer ids 0..12
+    assert sorted({g['layer_id'] for g in optim_wrapper.optimizer.param_groups}) == list(range(13))
+    for g in optim_wrapper.optimizer.param_groups:
+        assert g['lr'] == pytest.approx(base_lr * r ** (12 - g['layer_id']), rel=1e-12)
+
+
+def test_clean_weight_decay_switch(upernet):
+    """decay_position=False: no decay on the position embedding and the relative position tables either; all else
+    as officially."""
+    cfg, model, _ = upernet
+    optim_cfg = cfg.optim_wrapper.copy()
+    optim_cfg.type = 'OptimWrapper'
+    optim_cfg.paramwise_cfg = dict(cfg.optim_wrapper.paramwise_cfg, decay_position=False)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        groups = _groups_by_name(build_optim_wrapper(model, optim_cfg), model)
+    for name in ('backbone.pos_embed', 'backbone.blocks3.0.attn.relative_position_bias_table',
+                 'backbone.blocks3.0.norm1.weight', 'backbone.fpn.0.bias'):
+        assert groups[name]['weight_decay'] == 0.0, name
+    for name in ('backbone.blocks3.0.attn.qkv.weight', 'backbone.fpn.0.weight', 'decode_head.conv_seg.weight'):
+        assert groups[name]['weight_decay'] == 0.05, name
+    assert groups['backbone.pos_embed']['lr'] == pytest.approx(1e-4 * 0.75 ** 12)
 
 
 def test_warmup_keeps_layer_ratios(upernet):
@@ -84,25 +111,30 @@ def test_warmup_keeps_layer_ratios(upernet):
     saved = [g['lr'] for g in optimizer.param_groups]
     groups = _groups_by_name(optim_wrapper, model)
     head, first = groups['decode_head.conv_seg.weight'], groups['backbone.blocks3.0.attn.qkv.weight']
-    warmup = LinearLR(optimizer, start_factor=1e-6, by_epoch=False, begin=0, end=1500)
-    poly = PolyLR(optimizer, power=1.0, eta_min=0.0, by_epoch=False, begin=1500, end=160000)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, poly.type) == ('LinearLR', 'PolyLR')
+    warmup = LinearLR(optimizer, **{k: v for k, v in warmup.items() if k != 'type'})
+    poly = PolyLR(optimizer, **{k: v for k, v in poly.items() if k != 'type'})
     try:
         for _ in range(20):
             warmup.step()
             poly.step()
         assert head['lr'] < 1e-4 * 0.02  # still warming up
         assert first['lr'] / head['lr'] == pytest.approx(0.75 ** 11, rel=1e-6)
+        # as mmcv 1.x's poly with linear warm-up (the official schedule): poly(t) * (1e-6 + (1 - 1e-6) * t / 1500)
+        t = 20
+        assert head['lr'] == pytest.approx(1e-4 * (1 - t / 160000) * (1e-6 + (1 - 1e-6) * t / 1500), rel=1e-9)
     finally:
         for g, lr in zip(optimizer.param_groups, saved):
             g['lr'] = lr
 
 
 def test_bare_convmae_and_layer_ids():
-    model = ConvMAE(embed_dims=(32, 48, 96), depths=(1, 1, 3), num_heads=4, use_rel_pos_bias=True,
+    model = ConvMAE(embed_dims=(32, 48, 96), depths=(1, 1, 3), num_heads=4, rel_pos_bias='decomposed',
                     layer_scale_init_value=0.1)
     ctor = ConvMAELayerDecayOptimWrapperConstructor(
         dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, weight_decay=0.1)),
-        dict(layer_decay_rate=0.5))  # num_layers inferred: 3
+        dict(layer_decay_rate=0.5, decay_position=False))  # num_layers inferred: 3
     optim_wrapper = ctor(model)
     groups = _groups_by_name(optim_wrapper, model)
     assert groups['patch_embed2.proj.weight']['lr'] == pytest.approx(1e-3 * 0.5 ** 4)
@@ -110,6 +142,7 @@ def test_bare_convmae_and_layer_ids():
     assert groups['blocks3.2.attn.proj.weight']['weight_decay'] == 0.1
     assert groups['blocks3.1.gamma_2']['weight_decay'] == 0.0
     assert groups['pos_embed']['weight_decay'] == 0.0
+    assert groups['blocks3.0.attn.rel_pos_h']['weight_decay'] == 0.0
     # the optimizer steps with these groups
     model(torch.randn(1, 3, 64, 64))[2].mean().backward()  # the stage-3 map
     before = model.blocks3[2].attn.proj.weight.detach().clone()
@@ -121,6 +154,11 @@ def test_bare_convmae_and_layer_ids():
     assert model.get_layer_id('patch_embed4.weight') == model.get_layer_id('pos_embed') == 0
     assert model.get_layer_id('fc_norm.weight') == 4  # outside the encoder: num_layers + 1
     assert model.get_layer_id('blocks3.0.norm1.weight') == 1
+    assert model.get_layer_id('blocks3.0.attn.relative_position_bias_table') == 1
+    # as the official get_num_layer_for_vit: the fpn branch and shared tables are 'the rest'
+    assert model.get_layer_id('fpn.0.weight') == 4
+    assert model.get_layer_id('global_rel_pos_bias.relative_position_bias_table') == 4
+    assert model.get_layer_id('windowed_rel_pos_bias.relative_position_bias_table') == 4
 
 
 def test_frozen_params_are_left_out_and_bad_configs_fail():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from convmae_backbone.models import BlockMask, ConvMAEPretrainer
-from convmae_backbone.models.attention import Attention, TransformerBlock
+from convmae_backbone.models.attention import Attention, RelativePositionBias, TransformerBlock
 from convmae_backbone.models.conv_blocks import ConvBlock
 from convmae_backbone.models.masking import random_mask
 from convmae_backbone.models.reference import ExplicitAttention, with_explicit_attention
@@ -111,26 +111,34 @@ def test_sparse_prediction_ignores_masked_pixels():
     assert (pred_changed - pred).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize('rel_pos', ['decomposed', 'table', 'shared'])
 @pytest.mark.parametrize('window', [0, 4], ids=['global', 'window4_padded'])
-def test_fused_attention_equals_explicit(window, monkeypatch):
-    """Fused attention == explicit softmax(QK^T)V with relative position bias, windows with padding (a 7x10
-    grid in windows of 4) and query chunking forced, in float64; the mask handed to SDPA stays small."""
+def test_fused_attention_equals_explicit(window, rel_pos, monkeypatch):
+    """Fused attention == explicit softmax(QK^T)V with relative position bias (decomposed, a block's own BEiT
+    table, a shared one), windows with padding (a 7x10 grid in windows of 4) and query chunking forced, in
+    float64; the mask handed to SDPA stays small."""
     torch.manual_seed(3)
     hw = (7, 10)
-    block = TransformerBlock(32, 4, window_size=window, use_rel_pos=True, rel_pos_size=hw).double()
+    block = TransformerBlock(32, 4, window_size=window, rel_pos='none' if rel_pos == 'shared' else rel_pos,
+                             rel_pos_size=hw).double()
+    shared = RelativePositionBias((window, window) if window else hw, 4).double() if rel_pos == 'shared' else None
     with torch.no_grad():
-        for p in block.parameters():
+        for p in [*block.parameters(), *(shared.parameters() if shared else ())]:
             p.add_(torch.randn_like(p) * 0.3)
     explicit_block = with_explicit_attention(copy.deepcopy(block))
     assert type(explicit_block.attn) is ExplicitAttention
     x = torch.randn(2, hw[0] * hw[1], 32, dtype=torch.float64, requires_grad=True)
+    table = {'decomposed': lambda blk: blk.attn.rel_pos_h, 'table': lambda blk: blk.attn.relative_position_bias_table,
+             'shared': lambda blk: shared.relative_position_bias_table}[rel_pos]
 
     def run(blk):
         x.grad = None
         blk.zero_grad()
-        out = blk(x, hw)
+        if shared is not None:
+            shared.zero_grad()
+        out = blk(x, hw, shared)
         out.square().sum().backward()
-        return out.detach(), x.grad.clone(), blk.attn.rel_pos_h.grad.clone()
+        return out.detach(), x.grad.clone(), table(blk).grad.clone()
 
     explicit = run(explicit_block)
     assert explicit[0].abs().max() > 0
@@ -155,7 +163,7 @@ def test_fused_attention_equals_explicit(window, monkeypatch):
     # without autograd the chunks share one mask buffer (padding added in place)
     sizes.clear()
     with torch.no_grad():
-        out = block(x, hw)
+        out = block(x, hw, shared)
     assert len(sizes) > 1 and max(sizes) <= limit
     assert rel_err(out, explicit[0]) < 1e-12
 
@@ -163,11 +171,11 @@ def test_fused_attention_equals_explicit(window, monkeypatch):
 def test_fused_attention_float32_flash_kernel():
     """Without monkeypatching: the real SDPA kernel in float32 agrees with the explicit formulation."""
     torch.manual_seed(4)
-    attn = Attention(64, 4, use_rel_pos=True, rel_pos_size=(12, 12))
+    attn = Attention(64, 4, rel_pos='decomposed', rel_pos_size=(12, 12))
     with torch.no_grad():
         attn.rel_pos_h.normal_(std=0.5)
         attn.rel_pos_w.normal_(std=0.5)
-    explicit = ExplicitAttention(64, 4, use_rel_pos=True, rel_pos_size=(12, 12))
+    explicit = ExplicitAttention(64, 4, rel_pos='decomposed', rel_pos_size=(12, 12))
     explicit.load_state_dict(attn.state_dict())
     x = torch.randn(2, 144, 64)
     assert rel_err(attn(x, (12, 12)), explicit(x, (12, 12))) < 1e-5

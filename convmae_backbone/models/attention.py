@@ -1,10 +1,28 @@
-"""Stage-3 (and decoder) transformer layers: multi-head attention with windows and relative position bias."""
+"""Stage-3 (and decoder) transformer layers: multi-head attention with windows and relative position bias.
+
+Relative position bias comes in two forms, both added to the attention logits through the SDPA mask:
+
+- decomposed (ViTDet): per-block ``rel_pos_h``/``rel_pos_w`` ((2*size-1, head_dim) each), the bias depends on
+  the query;
+- table (BEiT, as the official ConvMAE detection and segmentation backbones): ``relative_position_bias_table``
+  ((2h-1)(2w-1), heads), one learnt value per head and 2-D offset, gathered through ``relative_position_index``.
+  A table is owned by the attention (one per block) or by :class:`RelativePositionBias` and shared by several
+  blocks. ``relative_position_index`` is a non-persistent buffer: it is recomputed, never read from or written to
+  checkpoints.
+
+A table built for a (h, w) grid serves any other grid: it is resized bicubically over its (2h-1, 2w-1) offsets
+(:func:`resize_relative_position_table`) at load time (:mod:`.weights`) and, for inputs of another size, at
+every forward.
+"""
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
+
+#: Relative position bias of one attention layer: none, ViTDet's decomposed tables, or its own BEiT table.
+ATTENTION_REL_POS = ('none', 'decomposed', 'table')
 
 
 def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
@@ -19,35 +37,122 @@ def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
     return rel_pos[coords[:, None] - coords[None, :] + size - 1]
 
 
+def relative_position_index(hw: Tuple[int, int], row_start: int = 0, rows: Optional[int] = None,
+                            device: Optional[torch.device] = None) -> Tensor:
+    """BEiT index of the queries in grid rows ``row_start .. row_start + rows`` (all rows by default) against all
+    keys of a (h, w) grid: (rows*w, h*w) long, ``(dy + h - 1) * (2w - 1) + dx + w - 1`` for the offset
+    (dy, dx) = query position - key position, tokens in raster order."""
+    h, w = hw
+    rows = h - row_start if rows is None else rows
+    ys = torch.arange(h, device=device).repeat_interleave(w)
+    xs = torch.arange(w, device=device).repeat(h)
+    q = slice(row_start * w, (row_start + rows) * w)
+    return (ys[q, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[q, None] - xs[None, :] + w - 1)
+
+
+def resize_relative_position_table(table: Tensor, src: Tuple[int, int], dst: Tuple[int, int]) -> Tensor:
+    """A ((2*src_h-1)(2*src_w-1), heads) BEiT table for a ``src`` grid -> ((2*dst_h-1)(2*dst_w-1), heads) for a
+    ``dst`` grid: bicubic interpolation (align_corners=False) over the 2-D offsets, one channel per head, as the
+    official segmentation code (``mmcv_custom/checkpoint.py``) resizes tables at load time."""
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return table
+    heads = table.shape[1]
+    grid = table.t().reshape(1, heads, 2 * src[0] - 1, 2 * src[1] - 1)
+    grid = F.interpolate(grid, size=(2 * dst[0] - 1, 2 * dst[1] - 1), mode='bicubic', align_corners=False)
+    return grid.reshape(heads, -1).t()
+
+
+def _init_table(module: nn.Module, size: Tuple[int, int], num_heads: int) -> None:
+    """Give ``module`` a zero BEiT table for a ``size`` grid and its non-persistent index."""
+    module.table_size = (int(size[0]), int(size[1]))
+    h, w = module.table_size
+    module.relative_position_bias_table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), num_heads))
+    module.register_buffer('relative_position_index', relative_position_index(module.table_size), persistent=False)
+
+
+def table_bias(module: nn.Module, hw: Tuple[int, int], row_start: int = 0, rows: Optional[int] = None) -> Tensor:
+    """Additive bias (heads, rows*w, h*w) from ``module``'s BEiT table for the query rows ``row_start ..`` of a
+    (h, w) grid; the table is resized when the grid is not the one it was built for."""
+    h, w = hw
+    rows = h - row_start if rows is None else rows
+    table = module.relative_position_bias_table
+    if tuple(hw) == module.table_size:
+        index = module.relative_position_index[row_start * w:(row_start + rows) * w]
+    else:
+        table = resize_relative_position_table(table, module.table_size, hw)
+        index = relative_position_index(hw, row_start, rows, device=table.device)
+    return table.t()[:, index]
+
+
+class RelativePositionBias(nn.Module):
+    """A BEiT relative position table shared by several attention layers (the official detection backbone's
+    ``windowed_rel_pos_bias`` and ``global_rel_pos_bias``).
+
+    Args:
+        size: the (h, w) token grid (window) the table is built for.
+        num_heads: attention heads (one table column each).
+    """
+
+    def __init__(self, size: Tuple[int, int], num_heads: int):
+        super().__init__()
+        _init_table(self, size, num_heads)
+
+    def forward(self, hw: Tuple[int, int], row_start: int = 0, rows: Optional[int] = None) -> Tensor:
+        """Bias (heads, rows*w, h*w) for the query rows ``row_start ..`` of a (h, w) grid."""
+        return table_bias(self, hw, row_start, rows)
+
+    def extra_repr(self) -> str:
+        return f'size={self.table_size}, num_heads={self.relative_position_bias_table.shape[1]}'
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with optional decomposed relative position bias (ViTDet style).
+    """Multi-head self-attention with optional relative position bias.
 
     Computed by ``F.scaled_dot_product_attention``, which never forms the (N, N) attention matrix. The relative
     position bias (and key padding) enters it as an additive mask; so that the mask does not grow to the size of
     the attention matrix either, queries are processed in chunks of whole grid rows whenever the mask would
     exceed ``max_bias_numel`` elements (each query row is independent, the result is the same).
+
+    Args:
+        dim: token channels.
+        num_heads: attention heads.
+        qkv_bias: bias of the qkv projection.
+        rel_pos: ``'none'``; ``'decomposed'`` (ViTDet ``rel_pos_h``/``rel_pos_w``); ``'table'`` (a BEiT
+            ``relative_position_bias_table`` of this layer's own). A shared table is passed to :meth:`forward`.
+        rel_pos_size: the (h, w) grid the tables are built for.
     """
 
     max_bias_numel = 1 << 24  # 64 MiB of float32 mask per chunk
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = False,
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, rel_pos: str = 'none',
                  rel_pos_size: Tuple[int, int] = (14, 14)):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f'embed dim {dim} is not divisible by num_heads {num_heads}')
+        if rel_pos not in ATTENTION_REL_POS:
+            raise ValueError(f'rel_pos must be one of {ATTENTION_REL_POS}, got {rel_pos!r}')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.use_rel_pos = use_rel_pos
-        if use_rel_pos:
+        self.rel_pos = rel_pos
+        if rel_pos == 'decomposed':
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, self.head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, self.head_dim))
+        elif rel_pos == 'table':
+            _init_table(self, rel_pos_size, num_heads)
+
+    @property
+    def use_rel_pos(self) -> bool:
+        """Whether this layer holds relative position parameters of its own."""
+        return self.rel_pos != 'none'
 
     def rel_pos_bias(self, q: Tensor, hw: Tuple[int, int], row_start: int = 0,
                      out: Optional[Tensor] = None) -> Tensor:
-        """Queries of grid rows ``row_start ..`` q (B, heads, rows*w, d) -> additive bias (B, heads, rows*w, h*w).
+        """Decomposed bias: queries of grid rows ``row_start ..`` q (B, heads, rows*w, d) -> additive bias
+        (B, heads, rows*w, h*w).
 
         ``out``: an optional contiguous buffer of that size to write into (without autograd only).
         """
@@ -64,50 +169,60 @@ class Attention(nn.Module):
         return out
 
     def attn_mask(self, q: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor], row_start: int = 0,
-                  out: Optional[Tensor] = None) -> Optional[Tensor]:
-        """Additive attention mask for the queries ``q``: relative position bias plus key padding (-inf)."""
-        bias = self.rel_pos_bias(q, hw, row_start, out) if self.use_rel_pos else None
+                  out: Optional[Tensor] = None, shared: Optional[RelativePositionBias] = None
+                  ) -> Optional[Tensor]:
+        """Additive attention mask for the queries ``q`` (B, heads, rows*w, d): relative position bias (decomposed
+        (B, heads, rows*w, N), or from a table (heads, rows*w, N)) plus key padding (-inf)."""
+        if self.rel_pos == 'decomposed':
+            bias = self.rel_pos_bias(q, hw, row_start, out)
+        elif self.rel_pos == 'table' or shared is not None:
+            bias = table_bias(self if shared is None else shared, hw, row_start, q.shape[2] // hw[1])
+        else:
+            bias = None
         if pad is None:
             return bias
         if bias is None:
             return pad
-        return bias.add_(pad) if out is not None else bias + pad
+        return bias.add_(pad) if bias is out else bias + pad
 
-    def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None,
-                key_padding: Optional[Tensor] = None) -> Tensor:
-        """x (B, N, C); hw: the (h, w) token grid (needed for relative position bias);
-        key_padding (B, N) bool, True = padding token that no query may attend to."""
+    def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None, key_padding: Optional[Tensor] = None,
+                shared: Optional[RelativePositionBias] = None) -> Tensor:
+        """x (B, N, C); hw: the (h, w) token grid (needed for relative position bias); key_padding (B, N) bool,
+        True = padding token that no query may attend to; shared: a table shared with other layers."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.use_rel_pos and hw is None:
+        if shared is not None and self.use_rel_pos:
+            raise ValueError('an attention layer with relative position parameters of its own got a shared table')
+        if (self.use_rel_pos or shared is not None) and hw is None:
             raise ValueError('relative position bias needs the token grid (hw)')
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         pad = None
         if key_padding is not None:
             pad = torch.zeros(key_padding.shape, dtype=q.dtype, device=q.device)
             pad = pad.masked_fill(key_padding, float('-inf'))[:, None, None, :]  # (B, 1, 1, N)
-        x = self.attend(q, k, v, hw, pad)
+        x = self.attend(q, k, v, hw, pad, shared)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor]
-               ) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor],
+               shared: Optional[RelativePositionBias] = None) -> Tensor:
         """softmax(q k^T * scale + mask) v for (B, heads, N, d) q, k, v, by SDPA; query chunks of whole grid rows
         when the mask would be large.
 
-        Without autograd all chunks write their mask into one buffer: a fresh large allocation per chunk costs
-        more in page faults than computing the mask.
+        Without autograd all chunks write their decomposed bias into one buffer: a fresh large allocation per
+        chunk costs more in page faults than computing the mask.
         """
         b, nh, n, _ = q.shape
-        if not self.use_rel_pos or b * nh * n * n <= self.max_bias_numel:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask(q, hw, pad))
+        if not (self.use_rel_pos or shared is not None) or b * nh * n * n <= self.max_bias_numel:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask(q, hw, pad, shared=shared))
         w = hw[1]
         rows = max(1, self.max_bias_numel // (b * nh * w * n))
-        buf = None if torch.is_grad_enabled() else q.new_empty(b * nh * rows * w * n)
+        reuse = self.rel_pos == 'decomposed' and not torch.is_grad_enabled()
+        buf = q.new_empty(b * nh * rows * w * n) if reuse else None
         outs = []
         for r in range(0, hw[0], rows):
             q_chunk = q[:, :, r * w:(r + rows) * w]
             out = None if buf is None else buf[:q_chunk[..., 0].numel() * n].view(b, nh, -1, n)
-            outs.append(F.scaled_dot_product_attention(q_chunk, k, v,
-                                                       attn_mask=self.attn_mask(q_chunk, hw, pad, r, out)))
+            outs.append(F.scaled_dot_product_attention(
+                q_chunk, k, v, attn_mask=self.attn_mask(q_chunk, hw, pad, r, out, shared)))
         return torch.cat(outs, dim=2)
 
 
@@ -142,16 +257,19 @@ def window_unpartition(windows: Tensor, window: int, padded_hw: Tuple[int, int],
 class TransformerBlock(nn.Module):
     """Pre-norm ViT block with optional window attention, relative position bias and layer scale.
 
+    ``rel_pos``: see :class:`Attention`; its tables are built for the window when windowed, else for
+    ``rel_pos_size``. ``norm_eps``: eps of both LayerNorms.
+
     Tokens are (B, N, C); ``hw`` gives their grid when they form one (windows and relative position need it).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 window_size: int = 0, use_rel_pos: bool = False, rel_pos_size: Tuple[int, int] = (14, 14),
+                 window_size: int = 0, rel_pos: str = 'none', rel_pos_size: Tuple[int, int] = (14, 14),
                  layer_scale_init_value: float = 0.0, norm_eps: float = 1e-6):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, use_rel_pos=use_rel_pos,
+        self.attn = Attention(dim, num_heads, rel_pos=rel_pos,
                               rel_pos_size=(window_size, window_size) if window_size else rel_pos_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
@@ -162,18 +280,21 @@ class TransformerBlock(nn.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def _attend(self, x: Tensor, hw: Optional[Tuple[int, int]]) -> Tensor:
+    def _attend(self, x: Tensor, hw: Optional[Tuple[int, int]], shared: Optional[RelativePositionBias]) -> Tensor:
         if not self.window_size:
-            return self.attn(x, hw)
+            return self.attn(x, hw, shared=shared)
         if hw is None:
             raise ValueError('window attention needs the token grid (hw)')
         b, _, c = x.shape
         windows, padding, padded_hw = window_partition(x.reshape(b, hw[0], hw[1], c), self.window_size)
-        windows = self.attn(windows, (self.window_size, self.window_size), padding)
+        windows = self.attn(windows, (self.window_size, self.window_size), padding, shared)
         return window_unpartition(windows, self.window_size, padded_hw, hw).reshape(b, -1, c)
 
-    def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None) -> Tensor:
-        y = self._attend(self.norm1(x), hw)
+    def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None,
+                shared: Optional[RelativePositionBias] = None) -> Tensor:
+        """x (B, N, C) -> (B, N, C); ``shared``: a relative position table shared with other blocks, for this
+        block's grid (its window when windowed)."""
+        y = self._attend(self.norm1(x), hw, shared)
         if self.gamma_1 is not None:
             y = self.gamma_1 * y
         x = x + self.drop_path(y)

@@ -1,8 +1,8 @@
 """``ConvMAE``: the ConvMAE encoder as an mmdet/mmseg backbone."""
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .convvit import ConvViT
 
@@ -10,23 +10,43 @@ from .convvit import ConvViT
 class ConvMAE(ConvViT):
     """ConvMAE (MCMAE) multi-scale backbone for detection and segmentation.
 
-    Takes (B, C, H, W) with any H, W >= 32 and returns NCHW maps for ``out_indices``: 0 at H/4, 1 at H/8,
-    2 at H/16 and 3, an extra H/32 map max-pooled from the H/16 one (strides for the paper's patch sizes).
-    The map at stride s is ceil(H/s) x ceil(W/s) (inputs are zero-padded to multiples of 16 and the outputs
-    cropped back).
+    Takes (B, C, H, W) with any H, W >= 32 (48 with the ``fpn`` branch) and returns NCHW maps for
+    ``out_indices``: 0 at H/4, 1 at H/8, 2 at H/16 and 3, an extra H/32 map made from the H/16 one (strides for
+    the paper's patch sizes). The map at stride s <= 16 is ceil(H/s) x ceil(W/s) (inputs are zero-padded to
+    multiples of 16 and the outputs cropped back); the H/32 map is ceil(H/32) with max-pooling and
+    (ceil(H/16) - 1) // 2 with ``fpn`` (a 512 input gives 15, as officially).
 
     Args (beyond :class:`ConvViT`'s):
         out_indices: which of the four maps to return.
         frozen_stages: -1 freezes nothing; k in 0..3 freezes every module and parameter of stages 0..k
-            (:attr:`ConvViT.STAGE_OF`: 0 is ``patch_embed1``; stage 3 includes ``patch_embed4`` and
-            ``pos_embed``).
+            (:attr:`ConvViT.STAGE_OF`: 0 is ``patch_embed1``; stage 3 includes ``patch_embed4``,
+            ``pos_embed`` and the shared relative position tables).
+        h32: how the H/32 map is made: ``'maxpool'`` (2x2 max-pooling, official detection backbone) or ``'fpn'``
+            (official segmentation backbone: module ``fpn`` = Conv2d(C3, C3, 3, stride 2, no padding) -> norm
+            -> GELU; not part of the encoder, so never frozen and in the last layer-decay group).
+        fpn_norm_cfg: mmcv norm config of the ``fpn`` branch (the official one is SyncBN).
     """
 
-    def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1, **kwargs):
+    def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
+                 h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, **kwargs):
         super().__init__(*args, **kwargs)
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in (0, 1, 2, 3) for i in out_indices):
             raise ValueError(f'out_indices must be a non-empty subset of (0, 1, 2, 3), got {out_indices}')
+        if h32 not in ('maxpool', 'fpn'):
+            raise ValueError(f"h32 must be 'maxpool' or 'fpn', got {h32!r}")
+        if h32 == 'fpn':
+            if 3 not in out_indices:
+                raise ValueError(f"h32='fpn' builds a branch for the H/32 map only; out_indices {out_indices} "
+                                 'do not include 3')
+            from mmcv.cnn import build_norm_layer
+            dim = self.embed_dims[2]
+            self.fpn = nn.Sequential(nn.Conv2d(dim, dim, kernel_size=3, stride=2),
+                                     build_norm_layer(fpn_norm_cfg or dict(type='BN'), dim)[1],
+                                     nn.GELU())
+        elif fpn_norm_cfg is not None:
+            raise ValueError("fpn_norm_cfg is only used with h32='fpn'")
+        self.h32 = h32
         if not -1 <= frozen_stages <= 3:
             raise ValueError(f'frozen_stages must be in -1..3, got {frozen_stages}')
         self.out_indices = out_indices
@@ -60,15 +80,16 @@ class ConvMAE(ConvViT):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f'ConvMAE expects images of shape (B, {self.in_channels}, H, W), '
                              f'got {tuple(x.shape)}')
-        if min(x.shape[2:]) < 2 * self.patch_size:
-            raise ValueError(f'ConvMAE expects H and W of at least {2 * self.patch_size} pixels, got '
-                             f'{tuple(x.shape[2:])}')
+        least = (3 if self.h32 == 'fpn' else 2) * self.patch_size  # 'fpn' convolves 3x3 H/16 positions
+        if min(x.shape[2:]) < least:
+            raise ValueError(f'ConvMAE expects H and W of at least {least} pixels, got {tuple(x.shape[2:])}')
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         self._check_input(x)
         h, w = x.shape[2], x.shape[3]
         maps = list(self.forward_features(self.pad_to_patch(x)))
         if 3 in self.out_indices:
-            maps.append(F.max_pool2d(maps[2], kernel_size=2, stride=2, ceil_mode=True))
+            maps.append(self.fpn(maps[2]) if self.h32 == 'fpn'
+                        else F.max_pool2d(maps[2], kernel_size=2, stride=2, ceil_mode=True))
         strides = (*self.strides, 2 * self.patch_size)
         return tuple(maps[i][:, :, :-(-h // strides[i]), :-(-w // strides[i])] for i in self.out_indices)

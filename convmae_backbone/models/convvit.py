@@ -10,10 +10,14 @@ from mmengine.model import BaseModule
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-from .attention import TransformerBlock
+from .attention import RelativePositionBias, TransformerBlock
 from .conv_blocks import ConvBlock, PatchEmbed
 from .masking import BlockMask
 from .utils import resize_pos_embed
+
+
+#: Relative position bias of stage 3 (``rel_pos_bias`` of :class:`ConvViT`).
+REL_POS_BIAS = ('none', 'decomposed', 'shared', 'per_block')
 
 
 def _to_tuple3(value: Union[float, Sequence[float]], name: str) -> Tuple:
@@ -28,10 +32,12 @@ class ConvViT(BaseModule):
     """Multi-scale hybrid convolution-transformer encoder of ConvMAE.
 
     Stage 1 and 2 are :class:`ConvBlock` stacks at H/4 and H/8, stage 3 is :class:`TransformerBlock` s at H/16
-    with an absolute position embedding learnt (or fixed) on the ``img_size // 16`` grid. Parameter names are
-    the official ones: ``patch_embed1..4``, ``pos_embed``, ``blocks1..3``. Stage-1/2 features are channels
-    last, dense (B, H, W, C) or, in sparse pretraining, the visible blocks (B, Lv, S, S, C) (see
-    :mod:`.masking`).
+    with an absolute position embedding learnt (or fixed) on the ``img_size // 16`` grid and resized bicubically
+    for other grids. Parameter names are the official ones: ``patch_embed1..4``, ``pos_embed``, ``blocks1..3``,
+    and for relative position bias ``blocks3.i.attn.rel_pos_h/w`` (decomposed), ``blocks3.i.attn.
+    relative_position_bias_table`` (per block), ``windowed_rel_pos_bias.relative_position_bias_table`` and
+    ``global_rel_pos_bias.relative_position_bias_table`` (shared). Stage-1/2 features are channels last, dense
+    (B, H, W, C) or, in sparse pretraining, the visible blocks (B, Lv, S, S, C) (see :mod:`.masking`).
 
     Args:
         img_size: image size the position embedding grid corresponds to (int or (h, w)).
@@ -43,8 +49,17 @@ class ConvViT(BaseModule):
         drop_path_rate: stochastic depth, rising linearly over all blocks of all stages.
         window_size: 0 for global attention; otherwise stage-3 blocks attend inside windows of this many tokens
             except the blocks in ``global_attn_indexes``.
-        use_rel_pos_bias: decomposed relative position bias in stage-3 attention.
+        rel_pos_bias: relative position bias of the stage-3 attention: ``'none'``; ``'decomposed'`` (ViTDet,
+            per block); ``'shared'`` (official ConvMAE detection: one BEiT table for all windowed blocks, built
+            for the window, and one for all global blocks, built for the ``img_size // 16`` grid); ``'per_block'``
+            (official ConvMAE segmentation: a BEiT table in every block, built for its window or the grid).
+            Tables start at zero and are resized bicubically for other grids (see :mod:`.attention`).
+        use_rel_pos_bias: True is the same as ``rel_pos_bias='decomposed'``.
         layer_scale_init_value: > 0 adds per-channel layer scale (``gamma_1``/``gamma_2``) to stage-3 blocks.
+        norm_eps: eps of the stage-3 LayerNorms (1e-6 in the official pretraining and detection code, 1e-5 in the
+            segmentation code); the conv stages and patch embeddings always use 1e-5, as officially.
+        freeze_pos_embed: keep the position embedding fixed (``requires_grad=False``), as the official detection
+            backbone does with the pretrained one resized to its grid.
         with_cp: activation checkpointing of every block while training.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ConvMAE weights of any supported format
             (:func:`convmae_backbone.models.weights.load_pretrained`); otherwise random initialisation.
@@ -55,7 +70,10 @@ class ConvViT(BaseModule):
     #: and backbone export; names not in it are not part of the encoder.
     STAGE_OF: Dict[str, int] = {
         'patch_embed1': 0, 'blocks1': 1, 'patch_embed2': 2, 'blocks2': 2,
-        'patch_embed3': 3, 'patch_embed4': 3, 'pos_embed': 3, 'blocks3': 3}
+        'patch_embed3': 3, 'patch_embed4': 3, 'pos_embed': 3, 'blocks3': 3,
+        'windowed_rel_pos_bias': 3, 'global_rel_pos_bias': 3}
+    #: Encoder modules that are no layer of the layer-wise lr decay (they get the id of the rest, as officially).
+    SHARED_TABLES = ('windowed_rel_pos_bias', 'global_rel_pos_bias')
 
     def __init__(self,
                  img_size: Union[int, Tuple[int, int]] = 224,
@@ -68,8 +86,11 @@ class ConvViT(BaseModule):
                  drop_path_rate: float = 0.0,
                  window_size: int = 0,
                  global_attn_indexes: Sequence[int] = (),
+                 rel_pos_bias: str = 'none',
                  use_rel_pos_bias: bool = False,
                  layer_scale_init_value: float = 0.0,
+                 norm_eps: float = 1e-6,
+                 freeze_pos_embed: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None,
                  **base_kwargs):
@@ -85,6 +106,14 @@ class ConvViT(BaseModule):
         bad = [i for i in global_attn_indexes if not 0 <= i < depths[2]]
         if bad:
             raise ValueError(f'global_attn_indexes {bad} out of range for {depths[2]} stage-3 blocks')
+        if rel_pos_bias not in REL_POS_BIAS:
+            raise ValueError(f'rel_pos_bias must be one of {REL_POS_BIAS}, got {rel_pos_bias!r}')
+        if use_rel_pos_bias:
+            if rel_pos_bias not in ('none', 'decomposed'):
+                raise ValueError(f'use_rel_pos_bias=True means rel_pos_bias=\'decomposed\', which contradicts '
+                                 f'rel_pos_bias={rel_pos_bias!r}; set only rel_pos_bias')
+            rel_pos_bias = 'decomposed'
+        self.rel_pos_bias = rel_pos_bias
         self.patch_sizes, self.embed_dims, self.depths, self.with_cp = patch_sizes, embed_dims, depths, with_cp
         self.in_channels = in_channels
         self.pos_grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
@@ -93,19 +122,26 @@ class ConvViT(BaseModule):
         self.patch_embed2 = PatchEmbed(embed_dims[0], embed_dims[1], patch_sizes[1])
         self.patch_embed3 = PatchEmbed(embed_dims[1], embed_dims[2], patch_sizes[2])
         self.patch_embed4 = nn.Linear(embed_dims[2], embed_dims[2])
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dims[2]))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dims[2]),
+                                      requires_grad=not freeze_pos_embed)
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.blocks1 = nn.ModuleList(
             ConvBlock(embed_dims[0], mlp_ratios[0], dpr[i]) for i in range(depths[0]))
         self.blocks2 = nn.ModuleList(
             ConvBlock(embed_dims[1], mlp_ratios[1], dpr[depths[0] + i]) for i in range(depths[1]))
+        windows = [0 if i in global_attn_indexes else window_size for i in range(depths[2])]
+        block_rel_pos = dict(none='none', shared='none', decomposed='decomposed', per_block='table')[rel_pos_bias]
         self.blocks3 = nn.ModuleList(
             TransformerBlock(embed_dims[2], num_heads, mlp_ratios[2], dpr[depths[0] + depths[1] + i],
-                             window_size=0 if i in global_attn_indexes else window_size,
-                             use_rel_pos=use_rel_pos_bias, rel_pos_size=self.pos_grid,
-                             layer_scale_init_value=layer_scale_init_value)
+                             window_size=windows[i], rel_pos=block_rel_pos, rel_pos_size=self.pos_grid,
+                             layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps)
             for i in range(depths[2]))
+        if rel_pos_bias == 'shared':
+            if any(windows):
+                self.windowed_rel_pos_bias = RelativePositionBias((window_size, window_size), num_heads)
+            if not all(windows):
+                self.global_rel_pos_bias = RelativePositionBias(self.pos_grid, num_heads)
 
     # ------------------------------------------------------------------------------------ stage membership
     @classmethod
@@ -117,9 +153,9 @@ class ConvViT(BaseModule):
     def get_layer_id(self, name: str) -> int:
         """Layer id for layer-wise lr decay, as in the official code: 0 for the patch embeddings, the position
         embedding and the convolutional stages 1-2; ``i + 1`` for ``blocks3.i``; ``depths[2] + 1`` for anything
-        outside the encoder."""
+        outside the encoder and for the shared relative position tables."""
         stage = self.stage_of(name)
-        if stage is None:
+        if stage is None or name.split('.', 1)[0] in self.SHARED_TABLES:
             return self.depths[2] + 1
         match = re.match(r'blocks3\.(\d+)(\.|$)', name)
         return int(match.group(1)) + 1 if match else 0
@@ -180,10 +216,16 @@ class ConvViT(BaseModule):
         x = self.patch_embed4(mask.visible_tokens(x))
         return x + mask.keep(self.pos_embed_for(mask.grid).to(x.dtype).expand(x.shape[0], -1, -1)), mask.grid
 
+    def shared_table(self, blk: TransformerBlock) -> Optional[RelativePositionBias]:
+        """The shared relative position table of a stage-3 block (``rel_pos_bias='shared'``), else None."""
+        if self.rel_pos_bias != 'shared':
+            return None
+        return self.windowed_rel_pos_bias if blk.window_size else self.global_rel_pos_bias
+
     def transformer_stage(self, x: Tensor, hw: Optional[Tuple[int, int]] = None) -> Tensor:
         """Stage-3 blocks over tokens (B, N, C3); ``hw`` when the tokens form a full grid."""
         for blk in self.blocks3:
-            x = self._block(blk, x, hw)
+            x = self._block(blk, x, hw, self.shared_table(blk))
         return x
 
     def forward_features(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

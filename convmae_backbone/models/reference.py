@@ -4,16 +4,16 @@ from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from .attention import Attention
+from .attention import Attention, RelativePositionBias
 
 
 class ExplicitAttention(Attention):
     """:class:`Attention` computing softmax(q k^T * scale + mask) v with the full (N, N) attention matrix."""
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor]
-               ) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor],
+               shared: Optional[RelativePositionBias] = None) -> Tensor:
         attn = (q * self.scale) @ k.transpose(-2, -1)
-        mask = self.attn_mask(q, hw, pad)
+        mask = self.attn_mask(q, hw, pad, shared=shared)
         if mask is not None:
             attn = attn + mask
         return attn.softmax(dim=-1) @ v
