@@ -22,7 +22,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE and the safe checkpoint loader
 from convmae_backbone.cli import load_config  # noqa: E402
 
-SCOPES = ('mmdet', 'mmseg')
+SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 def parse_args():
@@ -30,7 +30,8 @@ def parse_args():
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the dir to save the evaluation metrics')
-    parser.add_argument('--out', help='mmdet: .pkl file for the raw results; mmseg: dir for predicted masks')
+    parser.add_argument('--out', help='mmdet: .pkl file for the raw results; mmseg: dir for predicted masks; '
+                        'mmpretrain: .pkl file for the predictions')
     parser.add_argument('--show', action='store_true', help='show the predictions')
     parser.add_argument('--show-dir', help='dir (inside the work dir) to save the painted predictions')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds per image with --show')
@@ -85,6 +86,9 @@ def main():
         if not args.out.endswith(('.pkl', '.pickle')):
             raise ValueError('--out must be a .pkl file for detection')
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    elif args.out is not None and scope == 'mmpretrain':
+        from mmengine.evaluator import DumpResults  # raises for a path that is not .pkl
+        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     runner.test()
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE, its optimizer constructor and the safe loader
 from convmae_backbone.cli import load_config  # noqa: E402
 
-SCOPES = ('mmdet', 'mmseg')
+SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 def parse_args():

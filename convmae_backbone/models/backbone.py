@@ -2,7 +2,7 @@
 from typing import Sequence, Tuple
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..checkpoint import load_encoder_weights
 from .convvit import ConvViT
@@ -18,13 +18,22 @@ class ConvMAE(ConvViT):
     Args (beyond :class:`ConvViT`'s):
         out_indices: which of the four maps to return.
         frozen_stages: -1 freezes nothing; k in 1..3 freezes stages 1..k (their patch embeddings and blocks;
-            stage 3 includes ``patch_embed4`` and ``pos_embed``); 0 freezes only ``patch_embed1``.
+            stage 3 includes ``patch_embed4``, ``pos_embed`` and ``fc_norm``); 0 freezes only ``patch_embed1``.
+        out_type: ``'featmaps'`` returns the maps above; ``'avg_featmap'`` (image classification, the official
+            fine-tuning and linear-probing head input) returns a 1-tuple ``(B, C3)``: the stage-3 tokens
+            averaged, then ``fc_norm`` (LayerNorm, eps 1e-6); ``out_indices`` is then not used.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads official pretraining or fine-tuned
             checkpoints, this project's checkpoints, exported backbone weights and mmdet/mmseg checkpoints.
     """
 
-    def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1, **kwargs):
+    def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
+                 out_type: str = 'featmaps', **kwargs):
         super().__init__(*args, **kwargs)
+        if out_type not in ('featmaps', 'avg_featmap'):
+            raise ValueError(f"out_type must be 'featmaps' or 'avg_featmap', got {out_type!r}")
+        self.out_type = out_type
+        if out_type == 'avg_featmap':
+            self.fc_norm = nn.LayerNorm(self.embed_dims[2], eps=1e-6)
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in (0, 1, 2, 3) for i in out_indices):
             raise ValueError(f'out_indices must be a non-empty subset of (0, 1, 2, 3), got {out_indices}')
@@ -45,11 +54,14 @@ class ConvMAE(ConvViT):
         self._freeze_stages()
 
     def _frozen_modules(self):
+        stage3 = [self.patch_embed3, self.patch_embed4, self.blocks3]
+        if self.out_type == 'avg_featmap':
+            stage3.append(self.fc_norm)
         groups = [
             [self.patch_embed1],
             [self.blocks1],
             [self.patch_embed2, self.blocks2],
-            [self.patch_embed3, self.patch_embed4, self.blocks3],
+            stage3,
         ]
         return [m for g in groups[:self.frozen_stages + 1] for m in g]
 
@@ -76,9 +88,13 @@ class ConvMAE(ConvViT):
             raise ValueError(f'ConvMAE expects H and W of at least 32 pixels, got {tuple(x.shape[2:])}')
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """(B, C, H, W) -> the maps of ``out_indices`` (NCHW), or ``((B, C3),)`` with ``out_type='avg_featmap'``."""
         self._check_input(x)
         h, w = x.shape[2], x.shape[3]
         maps = list(self.forward_features(self.pad_to_patch(x)))
+        if self.out_type == 'avg_featmap':
+            s3 = maps[2][:, :, :-(-h // 16), :-(-w // 16)]
+            return (self.fc_norm(s3.mean(dim=(2, 3))),)
         if 3 in self.out_indices:
             maps.append(F.max_pool2d(maps[2], kernel_size=2, stride=2, ceil_mode=True))
         outs = []
