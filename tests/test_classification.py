@@ -315,11 +315,19 @@ def val_metrics(work_dir: str) -> dict:
     return metrics
 
 
-def test_finetune_with_mmpretrain_train_tool_then_our_test_tool(tmp_path, data_root, pretrained):
-    ckpt, pre_state = pretrained
-    work = str(tmp_path / 'ft')
+@pytest.fixture(scope='module')
+def finetuned(tmp_path_factory, data_root, pretrained):
+    """Two fine-tuning epochs through mmpretrain's own train tool: (config, work dir, log)."""
+    ckpt, _ = pretrained
+    work = str(tmp_path_factory.mktemp('ft'))
     config = tiny_config(FT_CONFIG, data_root, work, ckpt)
     log = run([mmpretrain_tool('train'), config, '--work-dir', work], cwd=work)
+    return config, work, log
+
+
+def test_finetune_with_mmpretrain_train_tool_then_our_test_tool(tmp_path, finetuned, pretrained):
+    config, work, log = finetuned
+    ckpt, pre_state = pretrained
     assert f'ConvMAE weights from {ckpt}' in log
     metrics = val_metrics(work)
     assert 0.0 <= metrics['accuracy/top1'] <= 100.0 and metrics['accuracy/top5'] >= metrics['accuracy/top1']
@@ -333,9 +341,14 @@ def test_finetune_with_mmpretrain_train_tool_then_our_test_tool(tmp_path, data_r
     assert not torch.equal(state['state_dict']['backbone.' + key], pre_state[key])
     assert (state['state_dict']['backbone.' + key] - pre_state[key]).abs().max() < 0.1
 
+    preds = str(tmp_path / 'preds.pkl')
     test_log = run([osp.join(REPO, 'tools', 'test.py'), config, osp.join(work, 'epoch_2.pth'), '--work-dir',
-                    str(tmp_path / 'test')], cwd=str(tmp_path))
+                    str(tmp_path / 'test'), '--out', preds], cwd=str(tmp_path))
     assert 'accuracy/top1' in test_log and 'accuracy/top5' in test_log
+    import pickle
+    with open(preds, 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 2 * NUM_CLASSES and results[0]['pred_score'].shape == (NUM_CLASSES,)
 
 
 def test_linear_probe_with_our_tools_keeps_the_encoder_frozen(tmp_path, data_root, pretrained):
@@ -346,7 +359,13 @@ def test_linear_probe_with_our_tools_keeps_the_encoder_frozen(tmp_path, data_roo
     assert f'ConvMAE weights from {ckpt}' in log
     metrics = val_metrics(work)
     assert 0.0 <= metrics['accuracy/top1'] <= 100.0
-    state = safe_torch_load(osp.join(work, 'epoch_2.pth'))['state_dict']
+    ckpt2 = safe_torch_load(osp.join(work, 'epoch_2.pth'))
+    state = ckpt2['state_dict']
+    assert not torch.equal(state['head.fc.weight'],
+                           safe_torch_load(osp.join(work, 'epoch_1.pth'))['state_dict']['head.fc.weight'])
+    # LARS: the bias skips the trust ratio (util/lars.py: parameters with ndim <= 1)
+    excluded = [g for g in ckpt2['optimizer']['param_groups'] if g.get('lars_exclude')]
+    assert excluded and all(g['weight_decay'] == 0.0 for g in ckpt2['optimizer']['param_groups'])
     for key, value in pre_state.items():  # every encoder weight is the pretrained one
         if 'backbone.' + key in state:
             assert torch.equal(state['backbone.' + key], value), key
@@ -358,18 +377,16 @@ def test_linear_probe_with_our_tools_keeps_the_encoder_frozen(tmp_path, data_roo
     assert 'accuracy/top1' in test_log
 
 
-def test_finetune_resume_equals_uninterrupted_run(tmp_path, data_root, pretrained):
-    """Mixup/CutMix, RandAugment and random erasing included: two epochs in one go (our tools/train.py) and
-    one epoch then --resume for the second (mmpretrain's train tool) end with the same weights."""
-    ckpt, _ = pretrained
-    full, split = str(tmp_path / 'full'), str(tmp_path / 'split')
-    config = tiny_config(FT_CONFIG, data_root, full, ckpt)
-    run([osp.join(REPO, 'tools', 'train.py'), config, '--work-dir', full], cwd=full)
+def test_finetune_resume_equals_uninterrupted_run(tmp_path, finetuned):
+    """Mixup/CutMix, RandAugment and random erasing included: one epoch, then --resume for the second, through
+    this project's tools/train.py ends with the weights of the uninterrupted two-epoch run of mmpretrain's tool."""
+    config, full, _ = finetuned
+    split = str(tmp_path / 'split')
     os.makedirs(split)
-    run([mmpretrain_tool('train'), config, '--work-dir', split, '--cfg-options', 'train_cfg.max_epochs=1'],
-        cwd=split)
+    train = osp.join(REPO, 'tools', 'train.py')
+    run([train, config, '--work-dir', split, '--cfg-options', 'train_cfg.max_epochs=1'], cwd=split)
     assert not osp.isfile(osp.join(split, 'epoch_2.pth'))
-    log = run([mmpretrain_tool('train'), config, '--work-dir', split, '--resume'], cwd=split)
+    log = run([train, config, '--work-dir', split, '--resume'], cwd=split)
     assert 'resumed epoch: 1' in log
     resumed = safe_torch_load(osp.join(split, 'epoch_2.pth'))['state_dict']
     reference = safe_torch_load(osp.join(full, 'epoch_2.pth'))['state_dict']
