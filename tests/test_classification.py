@@ -195,6 +195,22 @@ def test_linear_probe_config_carries_the_official_recipe():
     assert (cfg.val_evaluator.type, tuple(cfg.val_evaluator.topk)) == ('Accuracy', (1, 5))
 
 
+def test_full_size_configs_build_convmae_base_classifiers():
+    """Both configs build ConvMAE-Base classifiers for 1000 classes at 224 px; the probe trains 768 x 1000 + 1000
+    parameters."""
+    for path in (FT_CONFIG, LIN_CONFIG):
+        cfg = Config.fromfile(path)
+        cfg.model.backbone.init_cfg = None
+        model = MODELS.build(cfg.model).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 3, 224, 224), mode='tensor').shape == (1, 1000)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if path == LIN_CONFIG:
+            assert trainable == 768 * 1000 + 1000
+        else:
+            assert trainable == sum(p.numel() for p in model.parameters()) > 85_000_000
+
+
 def test_linear_probe_model_trains_only_the_head():
     cfg = shrink(Config.fromfile(LIN_CONFIG), **TINY, num_classes=NUM_CLASSES, img_size=32)
     cfg.model.neck.input_features = TINY['embed_dims'][2]
