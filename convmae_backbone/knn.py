@@ -94,6 +94,17 @@ def topk_accuracy(scores: Tensor, labels: Tensor, topk: Sequence[int] = (1, 5)) 
     return out
 
 
+def normalise(model: nn.Module, images: Tensor) -> Tensor:
+    """uint8 RGB images (B, 3, H, W) -> float, normalised with the mean and std (RGB order, as in every config
+    here) of ``model.data_preprocessor``; its channel conversion, meant for BGR-loading pipelines, is not
+    applied."""
+    pre = getattr(model, 'data_preprocessor', None)
+    x = images.float()
+    if getattr(pre, '_enable_normalize', False):
+        x = (x - pre.mean.to(x.device)) / pre.std.to(x.device)
+    return x
+
+
 def encoder_features(encoder: nn.Module, images: Tensor) -> Tensor:
     """L2-normalised mean of the unmasked stage-3 map: (B, 3, H, W), H and W multiples of 16 -> (B, C3)."""
     s3 = encoder.forward_features(images)[2]
@@ -134,8 +145,8 @@ class KNNMonitorHook(Hook):
         at_start: also evaluate before the first epoch (step 0: the initialisation).
         train_split, val_split: sub-folder names of the memory bank and the queries.
 
-    The model is the runner's (unwrapped from DDP) or its ``.backbone``: anything with ConvViT's
-    ``forward_features`` and a ``data_preprocessor`` on the runner's model that normalises uint8 images.
+    The encoder is the runner's model (unwrapped from DDP) or its ``.backbone``: anything with ConvViT's
+    ``forward_features``; images are normalised with the mean and std of the model's ``data_preprocessor``.
     """
 
     priority = 'LOW'  # after the checkpoint hook: a failure here never costs a checkpoint
@@ -167,12 +178,11 @@ class KNNMonitorHook(Hook):
     def _embed(self, model: nn.Module, encoder: nn.Module, paths: List[str], size: int) -> Tensor:
         rank, world = get_dist_info()
         index = torch.arange(rank, len(paths), world)
+        device = next(encoder.parameters()).device
         feats = []
         for start in range(0, len(index), self.batch_size):
             batch = [load_eval_image(paths[i], size) for i in index[start:start + self.batch_size].tolist()]
-            inputs = model.data_preprocessor(dict(inputs=batch), False)['inputs']
-            feats.append(encoder_features(encoder, inputs).float())
-        device = next(encoder.parameters()).device
+            feats.append(encoder_features(encoder, normalise(model, torch.stack(batch).to(device))).float())
         local = torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dims[2], device=device)
         return gather_features(local, index, len(paths))
 

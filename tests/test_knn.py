@@ -206,3 +206,28 @@ def test_hook_in_tiny_demo_pretraining_logs_knn_and_draws_curve(tmp_path):
         assert img.format == 'PNG' and img.size[0] > 300
     with open(scalars) as f:
         assert any('knn/top1' in json.loads(line) for line in f)
+
+
+def test_hook_on_a_classifier_uses_its_backbone_and_rgb_normalisation(tmp_path):
+    """An mmpretrain classifier (ConvMAE at .backbone, a BGR->RGB data preprocessor) gives the same k-NN
+    features as the pretrainer holding the same encoder weights: images go in RGB with the model's mean/std."""
+    pytest.importorskip('mmpretrain')
+    from mmpretrain.registry import MODELS
+    root = _write_folder(str(tmp_path / 'data'), per_class=(2, 1))
+    pretrainer = _tiny_pretrainer().eval()
+    classifier = MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='ConvMAE', img_size=32, embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=4,
+                      out_type='avg_featmap'),
+        head=dict(type='LinearClsHead', num_classes=3, in_channels=48),
+        data_preprocessor=dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)))
+    missing = classifier.backbone.load_state_dict(pretrainer.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ['fc_norm.bias', 'fc_norm.weight']
+    hook = KNNMonitorHook(data_root=root)
+    paths = list_labelled_images(osp.join(root, 'train'))[0]
+    with torch.no_grad():
+        ref = hook._embed(pretrainer, pretrainer, paths, 32)
+        ours = hook._embed(classifier, classifier.backbone, paths, 32)
+    torch.testing.assert_close(ours, ref)
+    result = hook.evaluate(_fake_runner(classifier), step=0)
+    assert result == hook.evaluate(_fake_runner(pretrainer), step=0)
