@@ -20,7 +20,7 @@ from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 #: ``default_scope`` of the configs each tool runs.
-DOWNSTREAM_SCOPES = ('mmdet', 'mmseg')
+DOWNSTREAM_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 PRETRAIN_SCOPES = ('mmengine',)
 
 
@@ -137,8 +137,10 @@ def _train(argv: Optional[Sequence[str]], description: str, scopes: Sequence[str
 
 
 def train(argv: Optional[Sequence[str]] = None) -> Runner:
-    """``tools/train.py``: train an mmdet detector or mmseg segmentor (the config's ``default_scope``)."""
-    return _train(argv, 'Train an mmdet detector or mmseg segmentor with a ConvMAE backbone', DOWNSTREAM_SCOPES)
+    """``tools/train.py``: train an mmdet detector, mmseg segmentor or mmpretrain classifier (the config's
+    ``default_scope``)."""
+    return _train(argv, 'Train an mmdet detector, mmseg segmentor or mmpretrain classifier with a ConvMAE '
+                  'backbone', DOWNSTREAM_SCOPES)
 
 
 def pretrain(argv: Optional[Sequence[str]] = None) -> Runner:
@@ -149,7 +151,8 @@ def pretrain(argv: Optional[Sequence[str]] = None) -> Runner:
 def add_test_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``tools/test.py`` beyond :func:`add_common_args` (``training=False``)."""
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--out', help='mmdet: .pkl file for the raw results; mmseg: dir for predicted masks')
+    parser.add_argument('--out', help='mmdet: .pkl file for the raw results; mmseg: dir for predicted masks; '
+                        'mmpretrain: .pkl file for the predictions')
     parser.add_argument('--show', action='store_true', help='show the predictions')
     parser.add_argument('--show-dir', help='dir (inside the work dir) to save the painted predictions')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds per image with --show')
@@ -157,17 +160,18 @@ def add_test_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
-    """``tools/test.py``: evaluate a checkpoint of an mmdet detector or mmseg segmentor."""
+    """``tools/test.py``: evaluate a checkpoint of an mmdet detector, mmseg segmentor or mmpretrain classifier."""
     parser = add_test_args(add_common_args(argparse.ArgumentParser(
-        description='Test an mmdet detector or mmseg segmentor with a ConvMAE backbone'), training=False))
+        description='Test an mmdet detector, mmseg segmentor or mmpretrain classifier with a ConvMAE backbone'),
+        training=False))
     args = parse_args(parser, argv)
     cfg = config_from_args(args, DOWNSTREAM_SCOPES)
     scope = cfg.default_scope
     cfg.load_from = args.checkpoint
     if args.show or args.show_dir:
         enable_visualization(cfg, args.show, args.show_dir, args.wait_time)
-    if args.out is not None and scope == 'mmdet' and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out must be a .pkl file for detection, got {args.out!r}')
+    if args.out is not None and scope in ('mmdet', 'mmpretrain') and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out must be a .pkl file for {scope}, got {args.out!r}')
     if args.out is not None and scope == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
@@ -175,6 +179,9 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
     if args.out is not None and scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    elif args.out is not None and scope == 'mmpretrain':
+        from mmengine.evaluator import DumpResults
+        runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     runner.test()
     return runner
 

@@ -50,23 +50,28 @@ TINY_BACKBONE = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num
 
 
 # ------------------------------------------------------------------------------------------------- data
-def write_demo_images(out_dir: str, views_per_photo: int = 40, size: int = 128, seed: int = 0) -> int:
+def write_demo_images(out_dir: str, views_per_photo: int = 40, size: int = 128, seed: int = 0,
+                      val_views_per_photo: int = 10) -> int:
     """Write ``views_per_photo`` random square crops (``size`` pixels, JPEG) of each scikit-image sample photo
-    into ``out_dir/train/<photo>/``; grayscale photos stay grayscale. Returns the number of files written."""
+    into ``out_dir/train/<photo>/``, and ``val_views_per_photo`` other crops into ``out_dir/val/<photo>/`` (the
+    k-NN monitor's task: which photograph is this crop from); grayscale photos stay grayscale. Pretraining
+    reads only ``train/``. Returns the number of training views written."""
     from skimage import data as skdata  # optional dependency, only for the demo
-    rng = np.random.default_rng(seed)
+    rngs = {'train': np.random.default_rng(seed), 'val': np.random.default_rng([seed, 1])}
     count = 0
     for name in DEMO_PHOTOS:
         photo = Image.fromarray(getattr(skdata, name)())
-        folder = osp.join(out_dir, 'train', name)
-        os.makedirs(folder, exist_ok=True)
         w, h = photo.size
-        for k in range(views_per_photo):
-            side = int(min(w, h) * rng.uniform(0.35, 1.0))
-            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            view = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
-            view.save(osp.join(folder, f'{name}_{k:03d}.jpg'), quality=92)
-            count += 1
+        for split, views in (('train', views_per_photo), ('val', val_views_per_photo)):
+            rng = rngs[split]
+            folder = osp.join(out_dir, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for k in range(views):
+                side = int(min(w, h) * rng.uniform(0.35, 1.0))
+                x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+                view = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+                view.save(osp.join(folder, f'{name}_{k:03d}.jpg'), quality=92)
+                count += split == 'train'
     return count
 
 

@@ -11,17 +11,17 @@ def _register(registry, cls) -> None:
 
 
 def register_all() -> None:
-    """Register ``ConvMAE`` in mmengine's, mmdet's and mmseg's MODELS (where installed) and the pretrainer
-    in mmengine's MODELS; the layer-decay optimizer-wrapper constructor in all three OPTIM_WRAPPER_CONSTRUCTORS;
-    the pretraining dataset, transforms and hooks; and our safe loader as mmengine's local checkpoint loader.
-    Safe to call more than once."""
+    """Register ``ConvMAE`` in mmengine's, mmdet's, mmseg's and mmpretrain's MODELS (where installed) and the
+    pretrainer in mmengine's MODELS; the layer-decay optimizer-wrapper constructor in all four
+    OPTIM_WRAPPER_CONSTRUCTORS; the pretraining dataset, transforms and hooks; and our safe loader as mmengine's
+    local checkpoint loader. Safe to call more than once."""
     from .checkpoint import register_safe_mmengine_loader
     from .models import ConvMAE, ConvMAEPretrainer
     from .optim import ConvMAELayerDecayOptimWrapperConstructor
     for cls in (ConvMAE, ConvMAEPretrainer):
         _register(ENGINE_MODELS, cls)
     _register(ENGINE_OPTIM_WRAPPER_CONSTRUCTORS, ConvMAELayerDecayOptimWrapperConstructor)
-    for scope in ('mmdet', 'mmseg'):
+    for scope in ('mmdet', 'mmseg', 'mmpretrain'):
         try:
             registry = importlib.import_module(f'{scope}.registry')
         except ImportError:
@@ -36,10 +36,10 @@ def register_all() -> None:
 
 def _register_training_components() -> None:
     """Pretraining dataset, transforms and hooks, in mmengine's root registries."""
-    from . import data, engine
+    from . import data, engine, knn
     _register(DATASETS, data.ImageFolderDataset)
     _register(DATA_SAMPLERS, data.SeededSampler)
     for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs):
         _register(TRANSFORMS, cls)
-    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook):
+    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook, knn.KNNMonitorHook):
         _register(HOOKS, cls)

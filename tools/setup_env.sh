@@ -3,7 +3,8 @@
 #   1. torch: keep one the user already has (in the venv, or in the base Python, which the venv then sees);
 #      otherwise torch==2.14.1 torchvision==0.29.1.
 #   2. mmcv 2.1.0 built from source once and cached (tools/install_mmcv.sh).
-#   3. mmdet 3.3.0, mmsegmentation 1.2.2, the rest, and this package in editable mode, never replacing torch.
+#   3. mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0, the rest, and this package in editable mode, never
+#      replacing torch.
 # Usage: tools/setup_env.sh [PYTHON] [VENV]
 set -euo pipefail
 PYTHON=${1:-python3}
@@ -36,8 +37,8 @@ echo "[setup_env] torch $TORCH_VERSION"
 
 bash tools/install_mmcv.sh "$PY"
 
-echo "[setup_env] installing mmdet, mmsegmentation and convmae_backbone (editable)"
+echo "[setup_env] installing mmdet, mmsegmentation, mmpretrain and convmae_backbone (editable)"
 "${PIP[@]}" install -q -c "$CONSTRAINTS" "setuptools>=77,<81" "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" \
-  -e ".[tests]" 2>&1 | grep -v "^WARNING: Location" || true
-"$PY" -W ignore -c "import pkg_resources, convmae_backbone, mmdet, mmseg, mmcv.ops; print('[setup_env] ready: mmcv', mmcv.__version__, \
-'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__)"
+  "mmpretrain==1.2.0" -e ".[tests]" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -W ignore -c "import pkg_resources, convmae_backbone, mmdet, mmseg, mmpretrain, mmcv.ops; print('[setup_env] ready: mmcv', \
+mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__, 'mmpretrain', mmpretrain.__version__)"

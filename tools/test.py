@@ -1,12 +1,12 @@
-"""Evaluate a detector (mmdet) or a segmentor (mmseg) with a ConvMAE backbone.
+"""Evaluate a detector (mmdet), a segmentor (mmseg) or a classifier (mmpretrain) with a ConvMAE backbone.
 
-The task is taken from the config's ``default_scope`` ('mmdet' or 'mmseg'); the command line is that of
+The task is taken from the config's ``default_scope`` ('mmdet', 'mmseg' or 'mmpretrain'); the command line is that of
 mmdet's and mmseg's ``tools/test.py``::
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE_OR_DIR] [--show-dir DIR]
     bash tools/dist_test.sh CONFIG CHECKPOINT 8 [ARGS]   # distributed (torchrun)
 
-``--out``: mmdet dumps the raw predictions to this .pkl file; mmseg writes the predicted masks to this
+``--out``: mmdet and mmpretrain dump the raw predictions to this .pkl file; mmseg writes the predicted masks to this
 directory.
 """
 import os.path as osp

@@ -1,6 +1,6 @@
-"""Train a detector (mmdet) or a segmentor (mmseg) with a ConvMAE backbone.
+"""Train a detector (mmdet), a segmentor (mmseg) or a classifier (mmpretrain) with a ConvMAE backbone.
 
-The task is taken from the config's ``default_scope`` ('mmdet' or 'mmseg'); the command line is that of
+The task is taken from the config's ``default_scope`` ('mmdet', 'mmseg' or 'mmpretrain'); the command line is that of
 mmdet's and mmseg's ``tools/train.py``::
 
     python tools/train.py configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py \

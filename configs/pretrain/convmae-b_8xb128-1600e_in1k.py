@@ -84,6 +84,11 @@ default_hooks = dict(
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
 custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook')]
+# Online k-NN monitor (off here): every 20 epochs, weighted k-NN (k 20, T 0.07) of the encoder's pooled features
+# on a labelled folder <root>/{train,val}/<class>/*, logged as knn/top1 and knn/top5 (convmae_backbone/knn.py).
+# Every image of both splits is embedded each time: use a subset of ImageNet (a few dozen images per class).
+# custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook'),
+#                 dict(type='KNNMonitorHook', data_root='data/imagenet_knn', interval=20)]
 
 env_cfg = dict(
     cudnn_benchmark=False,

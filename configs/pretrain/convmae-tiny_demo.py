@@ -1,6 +1,8 @@
 # A small ConvMAE pretrained for a few minutes on CPU on views of the photographs shipped with scikit-image
 # (written by tools/demo.py, or convmae_backbone.demo.write_demo_images). Same recipe as the base config,
 # scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 12 epochs of 17 iterations.
+# The k-NN monitor asks "which photograph is this crop from?": the train/ views are its memory bank, the val/
+# views its queries; knn/top1 is logged before training and every 2 epochs.
 _base_ = ['./convmae-b_8xb128-1600e_in1k.py']
 
 data_root = 'demo_output/images/'
@@ -38,5 +40,10 @@ train_cfg = dict(max_epochs=12)
 default_hooks = dict(
     logger=dict(interval=5),
     checkpoint=dict(interval=4, max_keep_ckpts=1))
+custom_hooks = [
+    dict(type='NonFiniteLossHook'),
+    dict(type='ReseedHook'),
+    dict(type='KNNMonitorHook', interval=2),  # data_root: the training data root (train/ and val/ inside)
+]
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 log_processor = dict(window_size=5)

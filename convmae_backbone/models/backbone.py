@@ -20,16 +20,25 @@ class ConvMAE(ConvViT):
         out_indices: which of the four maps to return.
         frozen_stages: -1 freezes nothing; k in 0..3 freezes every module and parameter of stages 0..k
             (:attr:`ConvViT.STAGE_OF`: 0 is ``patch_embed1``; stage 3 includes ``patch_embed4``,
-            ``pos_embed`` and the shared relative position tables).
+            ``pos_embed`` and the shared relative position tables; with ``out_type='avg_featmap'`` also
+            ``fc_norm``, so that 3 freezes the whole classification backbone, as the linear probe does).
         h32: how the H/32 map is made: ``'maxpool'`` (2x2 max-pooling, official detection backbone) or ``'fpn'``
             (official segmentation backbone: module ``fpn`` = Conv2d(C3, C3, 3, stride 2, no padding) -> norm
             -> GELU; not part of the encoder, so never frozen and in the last layer-decay group).
         fpn_norm_cfg: mmcv norm config of the ``fpn`` branch (the official one is SyncBN).
+        out_type: ``'featmaps'`` returns the maps above; ``'avg_featmap'`` (image classification, the official
+            fine-tuning and linear-probing head input) returns a 1-tuple ``(B, C3)``: the stage-3 tokens
+            averaged, then ``fc_norm`` (LayerNorm, eps 1e-6); ``out_indices`` is then not used.
     """
 
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
-                 h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, **kwargs):
+                 h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, out_type: str = 'featmaps', **kwargs):
         super().__init__(*args, **kwargs)
+        if out_type not in ('featmaps', 'avg_featmap'):
+            raise ValueError(f"out_type must be 'featmaps' or 'avg_featmap', got {out_type!r}")
+        self.out_type = out_type
+        if out_type == 'avg_featmap':
+            self.fc_norm = nn.LayerNorm(self.embed_dims[2], eps=1e-6)
         out_indices = tuple(out_indices)
         if not out_indices or any(i not in (0, 1, 2, 3) for i in out_indices):
             raise ValueError(f'out_indices must be a non-empty subset of (0, 1, 2, 3), got {out_indices}')
@@ -59,7 +68,9 @@ class ConvMAE(ConvViT):
 
     def _is_frozen(self, name: str) -> bool:
         stage = self.stage_of(name)
-        return stage is not None and stage <= self.frozen_stages
+        if stage is None:
+            return name.split('.', 1)[0] == 'fc_norm' and self.frozen_stages >= 3
+        return stage <= self.frozen_stages
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
@@ -85,9 +96,13 @@ class ConvMAE(ConvViT):
             raise ValueError(f'ConvMAE expects H and W of at least {least} pixels, got {tuple(x.shape[2:])}')
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """(B, C, H, W) -> the maps of ``out_indices`` (NCHW), or ``((B, C3),)`` with ``out_type='avg_featmap'``."""
         self._check_input(x)
         h, w = x.shape[2], x.shape[3]
         maps = list(self.forward_features(self.pad_to_patch(x)))
+        if self.out_type == 'avg_featmap':
+            s3 = maps[2][:, :, :-(-h // self.patch_size), :-(-w // self.patch_size)]
+            return (self.fc_norm(s3.mean(dim=(2, 3))),)
         if 3 in self.out_indices:
             maps.append(self.fpn(maps[2]) if self.h32 == 'fpn'
                         else F.max_pool2d(maps[2], kernel_size=2, stride=2, ceil_mode=True))
