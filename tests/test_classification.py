@@ -18,9 +18,8 @@ import convmae_backbone  # noqa: F401
 from conftest import max_rel_err
 from convmae_backbone import ConvMAEPretrainer
 from convmae_backbone.checkpoint import safe_torch_load
-
-mmpretrain = pytest.importorskip('mmpretrain')
-from mmpretrain.registry import MODELS, OPTIM_WRAPPERS  # noqa: E402
+from convmae_backbone.convert import convert
+from mmpretrain.registry import MODELS, OPTIM_WRAPPERS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FT_CONFIG = osp.join(REPO, 'configs', 'mmpretrain', 'convmae-b_8xb128-100e_in1k.py')
@@ -28,15 +27,6 @@ LIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain', 'convmae-b_linear-8xb2048-9
 FIXTURE = Path(__file__).parent / 'fixtures' / 'official_downstream_small.pt'
 TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=4)
 NUM_CLASSES = 5
-
-
-# TODO(lead): use convmae_backbone.convert once merged
-def convert_official_cls(ckpt: dict) -> dict:
-    """Official fine-tuned checkpoint ``{'model': ...}`` -> state dict of the fine-tuning config's classifier."""
-    out = {}
-    for key, value in ckpt['model'].items():
-        out[('head.fc.' + key[len('head.'):]) if key.startswith('head.') else 'backbone.' + key] = value
-    return out
 
 
 def shrink(cfg: Config, embed_dims, depths, num_heads, num_classes: int, img_size: int) -> Config:
@@ -59,9 +49,10 @@ def test_finetune_config_matches_official_logits_and_grads(official_cls, tmp_pat
                  c['img_size'])
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
-    # the official checkpoint format, converted, loads with strict keys
-    path = str(tmp_path / 'converted.pth')
-    torch.save(dict(state_dict=convert_official_cls({'model': official_cls['state_dict']})), path)
+    # the official checkpoint format, converted by tools/convert_official.py's logic, loads with strict keys
+    official, path = str(tmp_path / 'official_finetuned.pth'), str(tmp_path / 'converted.pth')
+    torch.save({'model': official_cls['state_dict']}, official)
+    convert('cls', official, path)
     from mmengine.runner import load_checkpoint
     load_checkpoint(model, path, strict=True)
     model = model.double().train()
