@@ -95,7 +95,7 @@ def test_finetune_config_carries_the_official_recipe():
     ow = cfg.optim_wrapper
     assert ow.type == 'AmpOptimWrapper' and ow.constructor == 'ConvMAELayerDecayOptimWrapperConstructor'
     assert ow.optimizer == dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05)
-    assert ow.paramwise_cfg == dict(layer_decay_rate=0.65)
+    assert ow.paramwise_cfg == dict(layer_decay_rate=0.65, decay_position=False)
     assert 'clip_grad' not in ow
     warm, cos = cfg.param_scheduler
     assert (warm.type, warm.begin, warm.end, warm.by_epoch, warm.convert_to_iter_based) == \

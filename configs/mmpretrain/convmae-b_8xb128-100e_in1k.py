@@ -86,10 +86,10 @@ optim_wrapper = dict(
     _delete_=True,
     type='AmpOptimWrapper',
     # the official layer ids (util/lr_decay.py) over the backbone's stage-3 blocks; no weight decay for 1-D
-    # parameters and pos_embed
+    # parameters and pos_embed (main_finetune.py matches no_weight_decay() names: decay_position=False)
     constructor='ConvMAELayerDecayOptimWrapperConstructor',
     optimizer=dict(type='AdamW', lr=lr, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(layer_decay_rate=0.65))
+    paramwise_cfg=dict(layer_decay_rate=0.65, decay_position=False))
 
 param_scheduler = [
     # official: linear from 0; mmengine's LinearLR needs a positive start factor
