@@ -236,6 +236,7 @@ def tiny_det_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
     model.test_cfg.rpn.update(nms_pre=500, max_per_img=100)
     size = (image_size, image_size)
     model.data_preprocessor.batch_augments[0]['size'] = size
+    model.data_preprocessor.pad_size_divisor = 32  # the full config pads test images to 1024x1024
 
     metainfo = dict(classes=DET_CLASSES)
     train_set = cfg.train_dataloader.dataset.dataset  # inside the base's RepeatDataset
