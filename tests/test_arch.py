@@ -66,3 +66,33 @@ def test_infer_arch_errors_name_the_cause():
     state['pos_embed'] = state['pos_embed'][:, :3]
     with pytest.raises(ValueError, match='pos_embed has 3 tokens, not a square grid'):
         infer_arch(state)
+
+
+@pytest.mark.parametrize('arch', ARCHS)
+def test_backbone_arch_auto_builds_the_checkpoint_architecture(arch, tmp_path):
+    """``ConvMAE(arch='auto')`` takes every shape field from init_cfg's checkpoint (official {'model': ...}
+    pretraining format here) and loads it with no missing key; an explicit num_heads and img_size are kept."""
+    import torch
+    source = ConvMAEPretrainer(**arch)
+    path = str(tmp_path / 'pretrain.pth')
+    torch.save({'model': source.state_dict()}, path)
+    model = ConvMAE(arch='auto', num_heads=arch['num_heads'], img_size=2 * arch['img_size'],
+                    init_cfg=dict(type='Pretrained', checkpoint=path))
+    assert (model.patch_sizes, model.embed_dims, model.depths) == (arch['patch_sizes'], arch['embed_dims'],
+                                                                   arch['depths'])
+    assert model.in_channels == arch['in_channels'] and model.pos_grid == (2 * arch['img_size'] // 16,) * 2
+    assert model.init_weights() is None and model.blocks3[0].attn.num_heads == arch['num_heads']
+    key = 'blocks3.0.mlp.fc1.weight'
+    assert torch.equal(model.state_dict()[key], source.state_dict()[key])
+
+
+def test_backbone_arch_auto_lists_every_conflict_with_the_config(tmp_path):
+    import torch
+    path = str(tmp_path / 'pretrain.pth')
+    torch.save({'model': ConvMAEPretrainer(**ARCHS[1]).state_dict()}, path)
+    with pytest.raises(ValueError, match=r'embed_dims: config \(8, 16, 96\), checkpoint \(8, 16, 128\); '
+                                         r'depths: config \(2, 2, 1\), checkpoint \(2, 3, 1\)'):
+        ConvMAE(arch='auto', embed_dims=(8, 16, 96), depths=(2, 2, 1), init_cfg=dict(type='Pretrained',
+                                                                                  checkpoint=path))
+    with pytest.raises(ValueError, match="arch must be None or 'auto'"):
+        ConvMAE(arch='auto')
