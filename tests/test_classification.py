@@ -385,13 +385,15 @@ def test_linear_probe_with_our_tools_keeps_the_encoder_frozen(tmp_path, data_roo
 
 
 def test_finetune_resume_equals_uninterrupted_run(tmp_path, finetuned):
-    """Mixup/CutMix, RandAugment and random erasing included: one epoch, then --resume for the second, through
-    this project's tools/train.py ends with the weights of the uninterrupted two-epoch run of mmpretrain's tool."""
+    """Mixup/CutMix, RandAugment and random erasing included: one epoch (mmpretrain's tool, stopped early by
+    max_epochs=1, which our tools refuse as a schedule ending inside the cosine), then --resume for the second
+    through this project's tools/train.py, ends with the weights of the uninterrupted two-epoch run."""
     config, full, _ = finetuned
     split = str(tmp_path / 'split')
     os.makedirs(split)
     train = osp.join(REPO, 'tools', 'train.py')
-    run([train, config, '--work-dir', split, '--cfg-options', 'train_cfg.max_epochs=1'], cwd=split)
+    run([mmpretrain_tool('train'), config, '--work-dir', split, '--cfg-options', 'train_cfg.max_epochs=1'],
+        cwd=split)
     assert not osp.isfile(osp.join(split, 'epoch_2.pth'))
     log = run([train, config, '--work-dir', split, '--resume'], cwd=split)
     assert 'resumed epoch: 1' in log

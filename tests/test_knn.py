@@ -181,7 +181,7 @@ def test_bad_folders_are_named(tmp_path):
 def test_hook_in_tiny_demo_pretraining_logs_knn_and_draws_curve(tmp_path):
     """tools/pretrain.py on the demo config (its KNNMonitorHook follows the training data root): k-NN accuracy
     logged before training and after epochs 2 and 3, then drawn as a PNG."""
-    from convmae_backbone.data import write_demo_images
+    from convmae_backbone.demo import write_demo_images
     images = str(tmp_path / 'images')
     write_demo_images(images, views_per_photo=3, size=64, seed=0, val_views_per_photo=2)
     work = str(tmp_path / 'work')

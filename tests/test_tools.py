@@ -142,7 +142,8 @@ def test_downstream_configs_take_the_training_options():
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=32) and cfg.load_from == 'x/epoch_3.pth'
     with pytest.raises(ValueError, match=osp.basename(SEG_CONFIG) + ' has no auto_scale_lr.base_batch_size'):
         _training_config([SEG_CONFIG, '--auto-scale-lr'], DOWNSTREAM_SCOPES)
-    with pytest.raises(ValueError, match=r"default_scope must be one of \('mmdet', 'mmseg'\), got 'mmengine'"):
+    with pytest.raises(ValueError,
+                       match=r"default_scope must be one of \('mmdet', 'mmseg', 'mmpretrain'\), got 'mmengine'"):
         _training_config([str(BASE_CFG)], DOWNSTREAM_SCOPES)
 
 
