@@ -139,7 +139,7 @@ def test_det_checkpoint_override(det_cfg):
     cfg = Config.fromfile(DET_CONFIG)
     cfg.merge_from_dict({'model.backbone.init_cfg.checkpoint': '/weights/convmae.pth'})
     assert cfg.model.backbone.init_cfg.checkpoint == '/weights/convmae.pth'
-    assert det_cfg.model.backbone.init_cfg.checkpoint == 'work_dirs/convmae-b_pretrain/backbone.pth'
+    assert det_cfg.model.backbone.init_cfg.checkpoint == 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'
 
 
 def test_detector_features_and_prediction(detector):

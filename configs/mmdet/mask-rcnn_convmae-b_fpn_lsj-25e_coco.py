@@ -16,7 +16,7 @@
 #
 # Train on 8 GPUs x 4 images:
 #   bash tools/dist_train.sh configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py 8 \
-#       --cfg-options model.backbone.init_cfg.checkpoint=/path/to/convmae_base_pretrain.pth
+#       --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/convmae-b_8xb128-1600e_in1k.pth
 # `model.backbone.init_cfg.checkpoint` overrides `pretrained` below; any checkpoint format the ConvMAE
 # backbone reads works (official {'model': ...}, this project's pretraining checkpoints, plain state dicts).
 _base_ = [
@@ -25,7 +25,7 @@ _base_ = [
 ]
 custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
 
-pretrained = 'work_dirs/convmae-b_pretrain/backbone.pth'  # ConvMAE-Base pretraining weights
+pretrained = 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'  # ConvMAE-Base pretraining (official download or ours)
 image_size = (1024, 1024)
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 batch_augments = [dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]

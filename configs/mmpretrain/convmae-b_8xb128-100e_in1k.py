@@ -6,9 +6,10 @@
 # Evaluation: shorter side 256 (bicubic), centre crop 224, top-1 / top-5 (official checkpoint: 84.982 top-1).
 #
 #   python tools/train.py configs/mmpretrain/convmae-b_8xb128-100e_in1k.py \
-#       --cfg-options model.backbone.init_cfg.checkpoint=work_dirs/convmae-b_8xb128-1600e_in1k/epoch_1600.pth
+#       --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/convmae-b_8xb128-1600e_in1k.pth
 #   bash tools/dist_train.sh configs/mmpretrain/convmae-b_8xb128-100e_in1k.py 8 --cfg-options ...
-#   python tools/test.py configs/mmpretrain/convmae-b_8xb128-100e_in1k.py convmae_b_finetuned_converted.pth
+#   python tools/test.py configs/mmpretrain/convmae-b_8xb128-100e_in1k.py \
+#       checkpoints/convmae-b_8xb128-100e_in1k_official.pth
 # Another total batch: set optim_wrapper.optimizer.lr or pass --auto-scale-lr (scales by batch / 1024).
 # Another dataset: model.head.num_classes and data_preprocessor.num_classes (mixup's one-hot labels).
 _base_ = [
@@ -18,7 +19,7 @@ _base_ = [
 ]
 custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
 
-pretrained = 'work_dirs/convmae-b_8xb128-1600e_in1k/epoch_1600.pth'  # our pretraining or the official one
+pretrained = 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'  # ConvMAE-Base pretraining (official download or ours)
 lr = 5e-4 * 1024 / 256
 min_lr = 1e-6
 max_epochs = 100

@@ -7,7 +7,7 @@
 # would take norm(tokens)[:, 0], the top-left patch token (ConvViT has no class token).
 #
 #   python tools/train.py configs/mmpretrain/convmae-b_linear-8xb2048-90e_in1k.py \
-#       --cfg-options model.backbone.init_cfg.checkpoint=work_dirs/convmae-b_8xb128-1600e_in1k/epoch_1600.pth
+#       --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/convmae-b_8xb128-1600e_in1k.pth
 # FINETUNE.md's own commands run a total batch of 4096 (lr 1.6); pass --auto-scale-lr (batch / 16384) or set lr.
 _base_ = [
     'mmpretrain::_base_/datasets/imagenet_bs32_pil_resize.py',
@@ -15,7 +15,7 @@ _base_ = [
 ]
 custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
 
-pretrained = 'work_dirs/convmae-b_8xb128-1600e_in1k/epoch_1600.pth'  # our pretraining or the official one
+pretrained = 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'  # ConvMAE-Base pretraining (official download or ours)
 lr = 0.1 * 16384 / 256
 max_epochs = 90
 warmup_epochs = 10

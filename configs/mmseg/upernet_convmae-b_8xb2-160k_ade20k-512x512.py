@@ -11,7 +11,7 @@
 #
 # Train on 8 GPUs:
 #   bash tools/dist_train.sh configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py 8 \
-#       --cfg-options model.backbone.init_cfg.checkpoint=/path/to/convmae_base_pretrain.pth
+#       --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/convmae-b_8xb128-1600e_in1k.pth
 # `model.backbone.init_cfg.checkpoint` overrides `pretrained` below.
 _base_ = [
     'mmseg::_base_/models/upernet_r50.py',
@@ -21,7 +21,7 @@ _base_ = [
 ]
 custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
 
-pretrained = 'work_dirs/convmae-b_pretrain/backbone.pth'  # ConvMAE-Base pretraining weights
+pretrained = 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'  # ConvMAE-Base pretraining (official download or ours)
 crop_size = (512, 512)
 num_layers = 11  # stage-3 blocks: the layers of the layer-wise lr decay
 
