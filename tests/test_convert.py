@@ -277,15 +277,13 @@ def test_det_background_row_and_class_specific_deltas(small_detector):
 
 
 def test_det_loads_without_missing_or_unexpected_keys(small_detector, det_converted):
+    """The whole converted detector, backbone included, loads into our config's model with strict keys."""
     converted, _ = det_converted
-    own = small_detector.state_dict()
-    heads = {k: v for k, v in converted.items() if not k.startswith('backbone.')}
     model = copy.deepcopy(small_detector)
-    result = model.load_state_dict(heads, strict=False)
-    assert result.unexpected_keys == []
-    assert all(k.startswith('backbone.') for k in result.missing_keys)
+    model.load_state_dict(converted, strict=True)
     assert torch.equal(model.roi_head.bbox_head.fc_cls.weight, converted['roi_head.bbox_head.fc_cls.weight'])
-    assert set(heads) == {k for k in own if not k.startswith('backbone.')}
+    assert torch.equal(model.backbone.global_rel_pos_bias.relative_position_bias_table,
+                       converted['backbone.global_rel_pos_bias.relative_position_bias_table'])
 
 
 def test_det_without_num_batches_tracked(fixture):
@@ -320,6 +318,10 @@ def test_seg_keys_match_mmseg(small_segmentor, fixture):
     for k, v in source.items():
         if k not in dropped:
             assert converted[k] is v  # mmseg 0.x and 1.x share every name
+    model = copy.deepcopy(small_segmentor)
+    model.load_state_dict(converted, strict=True)  # the whole segmentor, backbone included
+    assert torch.equal(model.backbone.blocks3[1].attn.relative_position_bias_table,
+                       converted['backbone.blocks3.1.attn.relative_position_bias_table'])
 
 
 # ------------------------------------------------------------------------------------------------ cls
