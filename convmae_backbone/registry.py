@@ -36,10 +36,11 @@ def register_all() -> None:
 
 def _register_training_components() -> None:
     """Pretraining dataset, transforms and hooks, in mmengine's root registries."""
-    from . import data, engine
+    from . import data, engine, sample_masks
     _register(DATASETS, data.ImageFolderDataset)
     _register(DATA_SAMPLERS, data.SeededSampler)
-    for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs):
+    for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs,
+                sample_masks.RandomBlockMask):
         _register(TRANSFORMS, cls)
     for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook):
         _register(HOOKS, cls)

@@ -19,6 +19,7 @@
 # at epoch boundaries, so keep checkpoints by epoch).
 data_root = 'data/imagenet/'  # train/<class>/*.JPEG, or any (flat or nested) folder of images
 img_size = 224
+mask_ratio = 0.75  # the model's and the pipeline's (RandomBlockMask draws each sample's mask)
 
 model = dict(
     type='ConvMAEPretrainer',
@@ -31,7 +32,7 @@ model = dict(
     decoder_embed_dim=512,
     decoder_depth=8,
     decoder_num_heads=16,
-    mask_ratio=0.75,
+    mask_ratio=mask_ratio,
     norm_pix_loss=True,
     loss_type='mse',
     data_preprocessor=dict(
@@ -44,6 +45,9 @@ train_pipeline = [
     dict(type='LoadRGBImage'),  # any mode -> 8-bit RGB; unreadable files are skipped with a warning
     dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
     dict(type='MAERandomFlip', prob=0.5),
+    # the sample's mask, from its seed like the crop and flip: the same on any number of processes/workers
+    # (the official code draws masks per process in the model)
+    dict(type='RandomBlockMask', input_size=img_size, patch_size=16, mask_ratio=mask_ratio),
     dict(type='PackMAEInputs'),
 ]
 train_dataloader = dict(

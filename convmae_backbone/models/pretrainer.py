@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .attention import TransformerBlock
 from .convvit import ConvViT
+from ..sample_masks import batch_masks
 from .masking import BlockMask, conv_as_linear
 from .utils import get_2d_sincos_pos_embed, patchify
 
@@ -168,8 +169,20 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
 
     def forward(self, inputs: Tensor, data_samples: Optional[List] = None,
                 mode: str = 'tensor') -> Union[Dict[str, Tensor], Tensor, List]:
-        """mmengine entry point: ``loss`` -> dict(loss=...), ``tensor``/``predict`` -> (pred, mask)."""
-        loss, pred, mask = self.forward_mae(inputs)
+        """mmengine entry point: ``loss`` -> dict(loss=...), ``tensor``/``predict`` -> (pred, mask).
+
+        inputs (B, 3, H, W); data_samples: per-sample masks (``.mask`` (L,) bool, drawn by the pipeline's
+        ``RandomBlockMask``) when present, else the masks are drawn here.
+        """
+        mask = batch_masks(data_samples)
+        if mask is not None:
+            num_tokens = mask.shape[1]
+            expected = int(num_tokens * (1 - self.mask_ratio))
+            if int((~mask[0]).sum()) != expected:
+                raise ValueError(f'the data pipeline masks leave {int((~mask[0]).sum())} of {num_tokens} tokens '
+                                 f'visible, the model (mask_ratio={self.mask_ratio}) expects {expected}: use the '
+                                 f'same mask_ratio in RandomBlockMask and the model')
+        loss, pred, mask = self.forward_mae(inputs, mask)
         if mode == 'loss':
             return dict(loss=loss)
         if mode in ('tensor', 'predict'):
