@@ -88,11 +88,14 @@ def test_base_config_builds_convmae_base():
 
 def test_cli_options_resume_amp(monkeypatch):
     pretrain = load_tool('pretrain')
-    with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
-        pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp']))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    cfg = pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp']))
+    assert cfg.optim_wrapper.type == 'BF16OptimWrapper' and 'loss_scale' not in cfg.optim_wrapper  # CPU: bf16
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only the config is built, nothing runs
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)  # a pre-Ampere GPU: fp16
     cfg = pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--amp', '--resume']))
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 'dynamic'
+    assert cfg.optim_wrapper.dtype == 'float16'
     assert cfg.resume is True and cfg.load_from is None
     with pytest.raises(ValueError, match=r'begins at epoch 40 but train_cfg.max_epochs is 30'):
         pretrain.build_config(pretrain.parse_args([str(BASE_CFG), '--cfg-options', 'train_cfg.max_epochs=30']))

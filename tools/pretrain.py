@@ -16,6 +16,7 @@ from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without install
 import convmae_backbone  # noqa: E402,F401  (registers the model, dataset, transforms and hooks)
+from convmae_backbone.amp import apply_amp  # noqa: E402
 from convmae_backbone.cli import load_config  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--work-dir', help='folder for logs and checkpoints (default: work_dirs/<config name>)')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='resume from CKPT, or from the latest checkpoint of the work dir if no CKPT is given')
-    parser.add_argument('--amp', action='store_true', help='mixed precision (AmpOptimWrapper, dynamic scale)')
+    parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 autocast where the device has it, else fp16 with dynamic loss scaling')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by (total batch) / auto_scale_lr.base_batch_size')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys, key=value')
@@ -41,11 +42,7 @@ def build_config(args: argparse.Namespace) -> Config:
     """The config file with the command-line options applied."""
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
-        import torch
-        if not torch.cuda.is_available():
-            raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); none is available')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        apply_amp(cfg)
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise ValueError(f'{args.config} has no auto_scale_lr.base_batch_size; --auto-scale-lr needs it')

@@ -9,17 +9,16 @@ mmdet's and mmseg's ``tools/train.py``::
 """
 import argparse
 import importlib
-import logging
 import os
 import os.path as osp
 import sys
 
 from mmengine.config import DictAction
-from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE, its optimizer constructor and the safe loader
+from convmae_backbone.amp import apply_amp  # noqa: E402
 from convmae_backbone.cli import load_config  # noqa: E402
 
 SCOPES = ('mmdet', 'mmseg')
@@ -29,7 +28,7 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Train an mmdet detector or mmseg segmentor with ConvMAE')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
-    parser.add_argument('--amp', action='store_true', help='enable automatic-mixed-precision training')
+    parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 autocast where the device has it, else fp16 with dynamic loss scaling')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the actual/base batch size (configs with auto_scale_lr)')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
@@ -56,11 +55,7 @@ def main():
         setup_cache_size_limit_of_dynamo()
 
     if args.amp:
-        if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
-            print_log('AMP training is already enabled in the config', logger='current', level=logging.WARNING)
-        else:
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
+        apply_amp(cfg)
 
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):

@@ -13,10 +13,12 @@
 # The schedulers leave `end` unset, so they follow train_cfg.max_epochs (which must exceed the 40 warm-up
 # epochs).
 #
-# Reliability: checkpoints are written atomically (AtomicCheckpointHook), a NaN/Inf loss stops the run before
-# a bad checkpoint is written (NonFiniteLossHook), and `--resume` continues from the last epoch checkpoint
-# with the same crops, flips and masks as an uninterrupted run (SeededSampler + ReseedHook; mmengine resumes
-# at epoch boundaries, so keep checkpoints by epoch).
+# Reliability: checkpoints are written atomically (AtomicCheckpointHook); a NaN/Inf loss rolls the run back to
+# the last good checkpoint and it continues (at most 3 times, then it stops; the official code stops), and no
+# checkpoint with non-finite weights is written (NonFiniteLossHook); `--resume` continues from the last epoch
+# checkpoint with the same crops, flips and masks as an uninterrupted run (SeededSampler + RandomBlockMask;
+# mmengine resumes at epoch boundaries, so keep checkpoints by epoch). `--amp`: bf16 autocast where the device
+# has it (CPU, Ampere+ GPUs), else fp16 with dynamic loss scaling (convmae_backbone.amp).
 data_root = 'data/imagenet/'  # train/<class>/*.JPEG, or any (flat or nested) folder of images
 img_size = 224
 mask_ratio = 0.75  # the model's and the pipeline's (RandomBlockMask draws each sample's mask)
@@ -87,7 +89,7 @@ default_hooks = dict(
     checkpoint=dict(type='AtomicCheckpointHook', interval=20, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
-custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook')]
+custom_hooks = [dict(type='NonFiniteLossHook', max_rollbacks=3), dict(type='ReseedHook')]
 
 env_cfg = dict(
     cudnn_benchmark=False,

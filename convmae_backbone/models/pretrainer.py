@@ -146,11 +146,13 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Mean over masked tokens (``mask`` (B, L) bool) of the per-token MSE (or L1) between ``pred`` and the
-        target."""
-        diff = pred - self.reconstruction_target(imgs)
-        per_token = (diff ** 2 if self.loss_type == 'mse' else diff.abs()).mean(dim=-1)
-        m = mask.to(per_token.dtype)
-        return (per_token * m).sum() / m.sum()
+        target. Always in (at least) fp32, also under autocast: the target statistics and the loss."""
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # float64 stays float64 (parity tests)
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            diff = pred.to(dtype) - self.reconstruction_target(imgs.to(dtype))
+            per_token = (diff ** 2 if self.loss_type == 'mse' else diff.abs()).mean(dim=-1)
+            m = mask.to(per_token.dtype)
+            return (per_token * m).sum() / m.sum()
 
     def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None,
                     generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
