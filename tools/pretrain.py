@@ -18,6 +18,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import convmae_backbone  # noqa: E402,F401  (registers the model, dataset, transforms and hooks)
 from convmae_backbone.amp import apply_amp  # noqa: E402
 from convmae_backbone.cli import load_config  # noqa: E402
+from convmae_backbone.distributed import init_distributed  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -68,6 +69,7 @@ def check_schedule(cfg: Config) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Runner:
     cfg = build_config(parse_args(argv))
+    init_distributed(cfg)
     runner = Runner.from_cfg(cfg)
     runner.train()
     return runner

@@ -21,6 +21,7 @@ from mmengine.runner import Runner
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE and the safe checkpoint loader
 from convmae_backbone.cli import load_config  # noqa: E402
+from convmae_backbone.distributed import init_distributed  # noqa: E402
 
 SCOPES = ('mmdet', 'mmseg')
 
@@ -75,6 +76,7 @@ def main():
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
 
+    init_distributed(cfg)
     if 'runner_type' in cfg:
         runner = importlib.import_module(f'{scope}.registry').RUNNERS.build(cfg)
     else:

@@ -20,6 +20,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import convmae_backbone  # noqa: F401,E402  registers ConvMAE, its optimizer constructor and the safe loader
 from convmae_backbone.amp import apply_amp  # noqa: E402
 from convmae_backbone.cli import load_config  # noqa: E402
+from convmae_backbone.distributed import init_distributed  # noqa: E402
 
 SCOPES = ('mmdet', 'mmseg')
 
@@ -67,6 +68,7 @@ def main():
     elif args.resume is not None:
         cfg.resume, cfg.load_from = True, args.resume
 
+    init_distributed(cfg)
     if 'runner_type' in cfg:
         runner = importlib.import_module(f'{scope}.registry').RUNNERS.build(cfg)
     else:

@@ -1,0 +1,46 @@
+"""DDP through our tools on a machine without CUDA (gloo): 2 processes x batch b end with the weights of
+1 process x batch 2b (masks come from the samples, not from the processes)."""
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from convmae_backbone.checkpoint import safe_torch_load
+from conftest import max_rel_err
+from test_pretrain_runner import ROOT, make_images, write_tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason='torch built without the gloo backend')
+
+
+def run(cmd, timeout: float = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHON=sys.executable,
+               PORT=str(29500 + random.randrange(2000)))
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert set(a) == set(b)
+    for key, value in a.items():
+        if value.is_floating_point():
+            assert max_rel_err(value, b[key]) < tol, (key, max_rel_err(value, b[key]))
+
+
+def test_pretraining_two_processes_match_one(tmp_path):
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=2)
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    run([sys.executable, ROOT / 'tools' / 'pretrain.py', cfg, '--work-dir', one, '--cfg-options',
+         'train_dataloader.batch_size=4'])
+    out = run(['bash', ROOT / 'tools' / 'dist_pretrain.sh', cfg, 2, '--work-dir', two, '--cfg-options',
+               'train_dataloader.batch_size=2'])
+    assert 'distributed on CPU: gloo, rank 0 of 2' in out
+    ref, ddp = safe_torch_load(one / 'epoch_2.pth'), safe_torch_load(two / 'epoch_2.pth')
+    assert ref['meta']['iter'] == ddp['meta']['iter'] == 4  # 8 images: 2 iterations of 4 (= 2 x 2) per epoch
+    start = safe_torch_load(one / 'epoch_1.pth')['state_dict']
+    assert not torch.equal(start['decoder_pred.weight'], ref['state_dict']['decoder_pred.weight'])
+    assert_same_weights(ddp['state_dict'], ref['state_dict'])
