@@ -44,3 +44,39 @@ def test_pretraining_two_processes_match_one(tmp_path):
     start = safe_torch_load(one / 'epoch_1.pth')['state_dict']
     assert not torch.equal(start['decoder_pred.weight'], ref['state_dict']['decoder_pred.weight'])
     assert_same_weights(ddp['state_dict'], ref['state_dict'])
+
+
+def _sync_bn_worker(rank: int, world: int, init_file: str, x: torch.Tensor, w: torch.Tensor, out_dir: str) -> None:
+    from convmae_backbone.distributed import SyncBatchNormAnyDevice
+    torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    bn = SyncBatchNormAnyDevice(x.shape[1], momentum=0.3)
+    with torch.no_grad():
+        bn.weight.normal_(generator=torch.Generator().manual_seed(0))
+    part = x.chunk(world)[rank].clone().requires_grad_(True)
+    y = bn(part)
+    (y * w.chunk(world)[rank]).sum().backward()
+    torch.save(dict(y=y.detach(), grad=part.grad, wgrad=bn.weight.grad, bgrad=bn.bias.grad,
+                    running=(bn.running_mean, bn.running_var)), os.path.join(out_dir, f'{rank}.pt'))
+    torch.distributed.destroy_process_group()
+
+
+def test_sync_bn_on_cpu_equals_batch_norm_of_the_global_batch(tmp_path):
+    """Outputs, input gradients, the summed affine gradients and the running statistics equal those of one
+    BatchNorm2d over the whole batch."""
+    x = torch.randn(6, 5, 4, 3, dtype=torch.float64).float() * 3 + 1
+    w = torch.randn(6, 5, 4, 3)
+    torch.multiprocessing.spawn(_sync_bn_worker, args=(2, str(tmp_path / 'init'), x, w, str(tmp_path)), nprocs=2)
+    parts = [torch.load(tmp_path / f'{r}.pt') for r in range(2)]
+    bn = torch.nn.BatchNorm2d(5, momentum=0.3)
+    with torch.no_grad():
+        bn.weight.normal_(generator=torch.Generator().manual_seed(0))
+    xr = x.clone().requires_grad_(True)
+    y = bn(xr)
+    (y * w).sum().backward()
+    assert max_rel_err(torch.cat([p['y'] for p in parts]), y) < 1e-5
+    assert max_rel_err(torch.cat([p['grad'] for p in parts]), xr.grad) < 1e-5
+    assert max_rel_err(parts[0]['wgrad'] + parts[1]['wgrad'], bn.weight.grad) < 1e-5
+    assert max_rel_err(parts[0]['bgrad'] + parts[1]['bgrad'], bn.bias.grad) < 1e-5
+    for p in parts:
+        assert max_rel_err(p['running'][0], bn.running_mean) < 1e-5
+        assert max_rel_err(p['running'][1], bn.running_var) < 1e-5
