@@ -206,7 +206,7 @@ def build_pretrain_model(variant: str, size: int, quick: bool, official_src: Opt
     model = ConvMAEPretrainer(img_size=size, **arch, **dec, sparse=variant in ('sparse', 'sparse-compiled'))
     if variant == 'official-formulation':
         with_explicit_attention(model)
-    return model, lambda imgs, mask: model.forward_mae(imgs, mask)[0]
+    return model, lambda imgs, mask: model.forward_mae(imgs, mask, from_ratio=True)[0]
 
 
 def build_optim_wrapper(model: torch.nn.Module, dtype: str, device: str):

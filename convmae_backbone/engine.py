@@ -231,3 +231,21 @@ class ReseedHook(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         self._seed(runner, 1, runner.iter)
+
+
+class PlainParamGroupsHook(Hook):
+    """Before training, turn the optimizer's parameter groups into plain ``dict`` s (same keys and values).
+
+    mmengine's optim-wrapper constructors store them as ``ConfigDict``, which TorchDynamo cannot trace: with
+    ``compile=True`` (mmengine compiles ``train_step``, optimizer step included) the run fails at the first
+    step. Runs before the optimizer is used and before compilation (which happens at the first call).
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        from mmengine.optim import OptimWrapperDict
+        wrapper = runner.optim_wrapper
+        for wrapper in (wrapper.optim_wrappers.values() if isinstance(wrapper, OptimWrapperDict) else [wrapper]):
+            groups = wrapper.optimizer.param_groups
+            groups[:] = [dict(group) for group in groups]

@@ -44,5 +44,6 @@ def _register_training_components() -> None:
     for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs,
                 sample_masks.RandomBlockMask):
         _register(TRANSFORMS, cls)
-    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook):
+    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook,
+                engine.PlainParamGroupsHook):
         _register(HOOKS, cls)

@@ -190,7 +190,7 @@ def test_demo_config_inherits_base():
     assert cfg.model.norm_pix_loss and cfg.model.mask_ratio == 0.75
     assert cfg.optim_wrapper.optimizer.betas == (0.9, 0.95)
     assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
-    assert {h['type'] for h in cfg.custom_hooks} == {'NonFiniteLossHook', 'ReseedHook'}
+    assert {h['type'] for h in cfg.custom_hooks} == {'NonFiniteLossHook', 'ReseedHook', 'PlainParamGroupsHook'}
     assert cfg.train_dataloader.dataset.pipeline[1].size == cfg.model.img_size
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) < 3_000_000

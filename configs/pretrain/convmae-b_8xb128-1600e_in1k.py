@@ -89,7 +89,11 @@ default_hooks = dict(
     checkpoint=dict(type='AtomicCheckpointHook', interval=20, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
-custom_hooks = [dict(type='NonFiniteLossHook', max_rollbacks=3), dict(type='ReseedHook')]
+custom_hooks = [
+    dict(type='NonFiniteLossHook', max_rollbacks=3),
+    dict(type='ReseedHook'),
+    dict(type='PlainParamGroupsHook'),  # lets `--cfg-options compile=True` (torch.compile) trace the optimizer
+]
 
 env_cfg = dict(
     cudnn_benchmark=False,

@@ -154,9 +154,13 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
             m = mask.to(per_token.dtype)
             return (per_token * m).sum() / m.sum()
 
-    def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None,
-                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                    from_ratio: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
         """imgs (B, 3, H, W), H and W multiples of 16; mask (B, L) bool, True = masked, or None to draw one.
+
+        ``from_ratio``: a given mask must leave the number of tokens visible that ``mask_ratio`` implies; the
+        count is then known without reading the mask (no data-dependent control flow under ``torch.compile``).
+        Otherwise any mask with the same visible count in every row is accepted.
 
         Returns (loss, pred (B, L, 16*16*3), mask (B, L) bool).
         """
@@ -164,7 +168,14 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         if mask is None:
             block_mask = BlockMask.random(imgs.shape[0], grid, self.mask_ratio, imgs.device, generator)
         else:
-            block_mask = BlockMask(mask.to(imgs.device), grid)
+            expected = int(grid[0] * grid[1] * (1 - self.mask_ratio)) if from_ratio else None
+            try:
+                block_mask = BlockMask(mask.to(imgs.device), grid, expected)
+            except ValueError as exc:
+                if not from_ratio:
+                    raise
+                raise ValueError(f'{exc}: the model has mask_ratio={self.mask_ratio}; the data pipeline '
+                                 f'(RandomBlockMask) must use the same') from exc
         latent = self.forward_encoder(imgs, block_mask)
         pred = self.forward_decoder(latent, block_mask)
         return self.forward_loss(imgs, pred, block_mask.mask), pred, block_mask.mask
@@ -176,15 +187,7 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         inputs (B, 3, H, W); data_samples: per-sample masks (``.mask`` (L,) bool, drawn by the pipeline's
         ``RandomBlockMask``) when present, else the masks are drawn here.
         """
-        mask = batch_masks(data_samples)
-        if mask is not None:
-            num_tokens = mask.shape[1]
-            expected = int(num_tokens * (1 - self.mask_ratio))
-            if int((~mask[0]).sum()) != expected:
-                raise ValueError(f'the data pipeline masks leave {int((~mask[0]).sum())} of {num_tokens} tokens '
-                                 f'visible, the model (mask_ratio={self.mask_ratio}) expects {expected}: use the '
-                                 f'same mask_ratio in RandomBlockMask and the model')
-        loss, pred, mask = self.forward_mae(inputs, mask)
+        loss, pred, mask = self.forward_mae(inputs, batch_masks(data_samples), from_ratio=True)
         if mode == 'loss':
             return dict(loss=loss)
         if mode in ('tensor', 'predict'):
