@@ -2,9 +2,9 @@
 
 mmengine 0.10's pytorch launcher calls ``torch.cuda.set_device`` (fails without CUDA), its Runner passes
 ``device_ids=[LOCAL_RANK]`` to DDP (refused for a CPU module), and ``SyncBN`` (torch's ``SyncBatchNorm``)
-refuses CPU tensors. :func:`init_distributed`, which our tools call before building the Runner, sets up the
-process group itself (the Runner then skips its own ``init_dist``) and, without CUDA, selects
-:class:`DeviceAwareDistributedDataParallel` and a CPU-capable ``SyncBN`` (:class:`SyncBatchNormAnyDevice`).
+refuses CPU tensors (and DDP refuses CPU modules holding one). :func:`init_distributed`, which our tools call
+before building the Runner, sets up the process group itself (the Runner then skips its own ``init_dist``) and,
+without CUDA, selects :class:`DeviceAwareDistributedDataParallel` and ``SyncBN`` = :class:`CPUSyncBatchNorm`.
 Nothing installed is modified.
 """
 import logging
@@ -19,6 +19,7 @@ from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel
 from mmengine.registry import MODEL_WRAPPERS, MODELS
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class DeviceAwareDistributedDataParallel(MMDistributedDataParallel):
@@ -49,13 +50,26 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-class SyncBatchNormAnyDevice(nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm`` that also synchronises CPU tensors (through the process group, e.g. gloo):
-    the batch statistics are those of the whole global batch, as on one process with all of it. Accelerator
-    tensors and the single-process / eval cases go to ``SyncBatchNorm`` itself. Input (N, C, ...)."""
+class CPUSyncBatchNorm(_BatchNorm):
+    """Batch normalisation whose training statistics are those of the global batch across processes, for CPU
+    tensors (through the process group, e.g. gloo), as on one process with the whole batch. Input (N, C, ...).
+
+    Not a subclass of ``torch.nn.SyncBatchNorm``: DDP refuses modules that contain one on the CPU, and
+    ``SyncBatchNorm`` refuses CPU tensors. Single process, eval mode or no process group: plain batch norm.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f'expected at least 2D input (got {x.dim()}D input)')
 
     def forward(self, x: Tensor) -> Tensor:
-        if (x.device.type != 'cpu' or not self.training or not dist.is_available() or not dist.is_initialized()
+        self._check_input_dim(x)
+        if (not self.training or not dist.is_available() or not dist.is_initialized()
                 or dist.get_world_size(self.process_group) == 1):
             return super().forward(x)
         group = self.process_group or dist.group.WORLD
@@ -91,7 +105,7 @@ def init_distributed(cfg: Config) -> None:
     CUDA: ``torch.cuda.set_device(LOCAL_RANK)`` and the config's backend (nccl by default). No CUDA: gloo, the
     DDP wrapper :class:`DeviceAwareDistributedDataParallel` (a config's ``model_wrapper_cfg`` of type
     ``MMDistributedDataParallel`` is switched to it, its other keys kept) and ``SyncBN`` =
-    :class:`SyncBatchNormAnyDevice`. ``env_cfg.dist_cfg`` keys other than ``backend`` go to
+    :class:`CPUSyncBatchNorm`. ``env_cfg.dist_cfg`` keys other than ``backend`` go to
     ``init_process_group`` (e.g. ``timeout`` in seconds).
     """
     if cfg.get('launcher', 'none') != 'pytorch' or (dist.is_available() and dist.is_initialized()):
@@ -117,18 +131,18 @@ def init_distributed(cfg: Config) -> None:
         wrapper.type = 'DeviceAwareDistributedDataParallel'
     use_cpu_sync_bn()
     print_log(f'distributed on CPU: {backend}, rank {dist.get_rank()} of {dist.get_world_size()}, '
-              f'{cfg.model_wrapper_cfg.type}, SyncBN = {SyncBatchNormAnyDevice.__name__}', logger='current',
+              f'{cfg.model_wrapper_cfg.type}, SyncBN = {CPUSyncBatchNorm.__name__}', logger='current',
               level=logging.INFO)
 
 
 def use_cpu_sync_bn() -> None:
-    """Make the ``SyncBN`` norm type (mmcv's / mmengine's registry name for ``torch.nn.SyncBatchNorm``) build
-    :class:`SyncBatchNormAnyDevice`, which behaves the same on accelerators and also works on CPU."""
+    """Make the ``SyncBN`` norm type (mmcv's registry name for ``torch.nn.SyncBatchNorm``) build
+    :class:`CPUSyncBatchNorm` in this process (for distributed runs without CUDA)."""
     try:
         import mmcv.cnn  # noqa: F401  registers 'SyncBN' first; ours must come after it
     except ImportError:
         pass
-    MODELS.register_module('SyncBN', module=SyncBatchNormAnyDevice, force=True)
+    MODELS.register_module('SyncBN', module=CPUSyncBatchNorm, force=True)
 
 
 def register() -> None:
