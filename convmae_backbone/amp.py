@@ -53,14 +53,18 @@ def supports_bf16(device: str) -> bool:
     return False
 
 
-def amp_optim_wrapper(optim_wrapper: dict, device: Optional[str] = None) -> ConfigDict:
+#: scopes whose models cannot run in bf16, and why
+NO_BF16_SCOPES = {'mmdet': "mmcv's detection ops (nms, RoIAlign) have float and half kernels only, no bfloat16"}
+
+
+def amp_optim_wrapper(optim_wrapper: dict, device: Optional[str] = None, bf16: bool = True) -> ConfigDict:
     """The mixed-precision version of the ``optim_wrapper`` config for ``device`` (default: the Runner's, see
     :func:`default_device`).
 
-    bf16 where the device supports it (:class:`BF16OptimWrapper`), else mmengine's ``AmpOptimWrapper`` in fp16
-    with dynamic loss scaling (CUDA only). Other keys (optimizer, paramwise_cfg, constructor, clip_grad, ...)
-    are kept. A config's own ``AmpOptimWrapper`` is replaced the same way (so that ``--amp`` also runs on CPU),
-    except one that asks for ``dtype='float16'`` explicitly on CUDA, which is kept.
+    bf16 where the device supports it and ``bf16`` allows it (:class:`BF16OptimWrapper`), else mmengine's
+    ``AmpOptimWrapper`` in fp16 with dynamic loss scaling (CUDA only). Other keys (optimizer, paramwise_cfg,
+    constructor, clip_grad, ...) are kept. A config's own ``AmpOptimWrapper`` is replaced the same way (so that
+    ``--amp`` also runs on CPU), except one that asks for ``dtype='float16'`` explicitly on CUDA, which is kept.
     """
     device = device or default_device()
     cfg = ConfigDict(optim_wrapper)
@@ -70,20 +74,25 @@ def amp_optim_wrapper(optim_wrapper: dict, device: Optional[str] = None) -> Conf
                          f'a mixed-precision optim_wrapper in the config instead')
     if kind == 'AmpOptimWrapper' and device == 'cuda' and str(cfg.get('dtype')) in ('float16', 'torch.float16'):
         return cfg
-    if supports_bf16(device):
+    if bf16 and supports_bf16(device):
         cfg.type = 'BF16OptimWrapper'
         for key in ('loss_scale', 'dtype', 'use_fsdp'):
             cfg.pop(key, None)
     elif device == 'cuda':
         cfg.update(type='AmpOptimWrapper', dtype='float16', loss_scale=cfg.get('loss_scale', 'dynamic'))
     else:
-        raise RuntimeError(f'no mixed precision available on device {device!r}')
+        raise RuntimeError(f'no mixed precision available on device {device!r}' + ('' if bf16 else ' without bf16'))
     return cfg
 
 
 def apply_amp(cfg: Config, device: Optional[str] = None) -> Config:
-    """``cfg`` with ``cfg.optim_wrapper`` made mixed precision by :func:`amp_optim_wrapper`; logs the choice."""
-    cfg.optim_wrapper = amp_optim_wrapper(cfg.optim_wrapper, device)
+    """``cfg`` with ``cfg.optim_wrapper`` made mixed precision by :func:`amp_optim_wrapper` (fp16 for the scopes
+    in :data:`NO_BF16_SCOPES`, which therefore need CUDA); logs the choice."""
+    scope = cfg.get('default_scope')
+    try:
+        cfg.optim_wrapper = amp_optim_wrapper(cfg.optim_wrapper, device, bf16=scope not in NO_BF16_SCOPES)
+    except RuntimeError as exc:
+        raise RuntimeError(f'--amp: {exc} ({scope}: {NO_BF16_SCOPES[scope]})') if scope in NO_BF16_SCOPES else exc
     print_log(f'--amp: {cfg.optim_wrapper.type}'
               + (f' ({cfg.optim_wrapper.dtype}, loss scale {cfg.optim_wrapper.loss_scale})'
                  if cfg.optim_wrapper.type == 'AmpOptimWrapper' else ' (bfloat16 autocast)'), logger='current')

@@ -1,5 +1,9 @@
 """Mixed precision: the wrapper chosen per device, a bf16 pretraining step on CPU close to fp32, sparse and dense
 agreeing in bf16, the fp32 islands (loss, attention softmax), and ``--amp`` through the pretraining runner."""
+import os
+import re
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,3 +112,45 @@ def test_amp_flag_runs_bf16_on_cpu_through_the_runner(tmp_path):
     assert type(runner.optim_wrapper) is BF16OptimWrapper
     losses = runner.message_hub.get_scalar('train/loss').data[0]
     assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+
+
+def test_amp_for_detection_is_fp16_on_cuda_and_refused_on_cpu(monkeypatch):
+    from mmengine.config import Config
+    from convmae_backbone.amp import apply_amp
+    cfg = Config(dict(default_scope='mmdet', optim_wrapper=dict(PLAIN, type='AmpOptimWrapper')))
+    with pytest.raises(RuntimeError, match=r"no mixed precision available on device 'cpu' without bf16 \(mmdet: "
+                                           r"mmcv's detection ops \(nms, RoIAlign\) have float and half kernels"):
+        apply_amp(cfg, 'cpu')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert apply_amp(cfg, 'cuda').optim_wrapper.type == 'AmpOptimWrapper'  # fp16 even where bf16 exists
+    assert cfg.optim_wrapper.dtype == 'float16' and cfg.optim_wrapper.loss_scale == 'dynamic'
+    seg = Config(dict(default_scope='mmseg', optim_wrapper=dict(PLAIN, type='AmpOptimWrapper')))
+    assert apply_amp(seg, 'cuda').optim_wrapper.type == 'BF16OptimWrapper'
+
+
+def test_amp_flag_fine_tunes_segmentation_in_bf16_on_cpu(tmp_path):
+    """tools/train.py --amp on CPU: the UperNet config's fp16 AmpOptimWrapper (CUDA only) becomes bf16."""
+    pytest.importorskip('mmseg')
+    import importlib.util
+    import subprocess
+    import sys
+    from test_pretrain_runner import ROOT
+    spec = importlib.util.spec_from_file_location('demo_finetune', ROOT / 'tools' / 'demo_finetune.py')
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    backbone = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
+    work = str(tmp_path / 'work')
+    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=2, num_val=1, size=(64, 80))
+    cfg = demo.tiny_seg_config(data, work, backbone, crop=64, max_iters=2, warmup_iters=1)
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'  # as in the full config
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
+    config = str(tmp_path / 'tiny.py')
+    cfg.dump(config)
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'train.py'), config, '--work-dir', work, '--amp'],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    log = proc.stdout + proc.stderr
+    assert '--amp: BF16OptimWrapper (bfloat16 autocast)' in log
+    losses = [float(m) for m in re.findall(r' loss: ([0-9.naif]+)', log)]
+    assert len(losses) == 2 and all(np.isfinite(losses)), losses
