@@ -91,16 +91,17 @@ def flop_counter():
 
 
 def _time_loop(step: Callable[[], None], device: str, warmup: int, iters: int,
-               compile_stats: Optional["CompileStats"] = None) -> Tuple[Optional[int], List[float], float]:
-    """Run ``step`` warmup + iters times; the first warm-up step is FLOP-counted (for compiled code it compiles
-    instead and ``compile_stats`` is told when it is done).
+               compile_stats: Optional["CompileStats"] = None, flop_step: Optional[Callable[[], None]] = None
+               ) -> Tuple[Optional[int], List[float], float]:
+    """Run ``step`` warmup + iters times; the first warm-up step is FLOP-counted, with ``flop_step`` in its
+    place when given (for compiled code it compiles instead and ``compile_stats`` is told when it is done).
 
     Returns (flops, times, held_mb): held_mb is the CUDA allocation after the warm-up (0 on CPU)."""
     flops = None
     if compile_stats is None:
         counter = flop_counter()
         with counter:
-            step()
+            (flop_step or step)()
         flops = counter.get_total_flops()
     else:
         step()
@@ -322,13 +323,14 @@ def worker_backbone(cfg: dict) -> dict:
     forward = torch.compile(model) if compiled else model
     dtype = torch.bfloat16 if cfg['dtype'] == 'bf16' else None
 
-    def step():
-        with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+    def step(amp: bool = True):
+        with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=amp and dtype is not None):
             forward(x)
 
     stats = CompileStats() if compiled else nullcontext()
-    with stats:
-        flops, times, held_cuda = _time_loop(step, device, cfg['warmup'], cfg['iters'], stats if compiled else None)
+    with stats:  # FLOPs counted in fp32 (the same count): FlopCounterMode and CPU autocast fail on einsum
+        flops, times, held_cuda = _time_loop(step, device, cfg['warmup'], cfg['iters'], stats if compiled else None,
+                                             flop_step=partial(step, amp=False))
     res = dict(flops=flops, times=times, held_mb=held_cuda if device == 'cuda' else held_cpu,
                peak_mb=_peak_mb(device), size=size)
     if compiled:

@@ -61,6 +61,22 @@ def test_quick_pretrain_comparison(tmp_path, dtype):
         assert rows['sparse-compiled']['best_s'] > 0
 
 
+def test_quick_backbone_rows_from_the_det_and_seg_configs(tmp_path):
+    pytest.importorskip('mmdet')
+    pytest.importorskip('mmseg')
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'backbone',
+                           '--iters', '1', '--warmup', '1', '--device', 'cpu', '--dtype', 'bf16', '--json', str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    entry, = json.loads(out.read_text())['results']
+    for task, size in (('det', 128), ('seg', 64)):  # the quick sizes of the 1024 (det) and 512 (seg) rows
+        fused, explicit = entry[f'backbone_{task}']['fused'], entry[f'backbone_{task}']['explicit']
+        assert fused['size'] == explicit['size'] == size
+        assert fused['flops'] == pytest.approx(explicit['flops'], rel=0.01) and fused['best_s'] > 0
+    assert 'Backbone forward (det config)' in proc.stdout and 'Pretraining step' not in proc.stdout
+
+
 def test_official_source_that_cannot_be_imported_is_reported(tmp_path):
     (tmp_path / 'models_convmae.py').write_text('import module_that_does_not_exist\n')
     with pytest.raises(ImportError, match=r'cannot be imported .*ModuleNotFoundError.*module_that_does_not_exist'):
