@@ -19,6 +19,9 @@ from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
+from .amp import apply_amp
+from .distributed import init_distributed
+
 #: ``default_scope`` of the configs each tool runs.
 DOWNSTREAM_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 PRETRAIN_SCOPES = ('mmengine',)
@@ -38,7 +41,8 @@ def add_common_args(parser: argparse.ArgumentParser, training: bool = True) -> a
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     if training:
         parser.add_argument('--amp', action='store_true',
-                            help='mixed precision: AmpOptimWrapper with dynamic loss scale (needs CUDA)')
+                            help='mixed precision: bf16 autocast where the device has it (CPU, recent GPUs), '
+                                 'else fp16 with dynamic loss scaling')
         parser.add_argument('--auto-scale-lr', action='store_true',
                             help='scale the lr by (total batch) / auto_scale_lr.base_batch_size')
         parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
@@ -76,7 +80,7 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
     (``default_scope`` in ``scopes``, :func:`check_schedule`)."""
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir, scopes)
     if getattr(args, 'amp', False):
-        enable_amp(cfg, args.config)
+        apply_amp(cfg)
     if getattr(args, 'auto_scale_lr', False):
         enable_auto_scale_lr(cfg, args.config)
     if getattr(args, 'resume', None) is not None:
@@ -84,19 +88,6 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
         cfg.load_from = None if args.resume == 'auto' else args.resume
     check_schedule(cfg)
     return cfg
-
-
-def enable_amp(cfg: Config, path: str) -> None:
-    """Switch ``cfg.optim_wrapper`` to mmengine's AmpOptimWrapper with a dynamic loss scale (unless the config
-    sets one); mmengine's AMP needs a CUDA device."""
-    import torch
-    if not torch.cuda.is_available():
-        raise RuntimeError('--amp needs a CUDA device (mmengine AmpOptimWrapper); none is available')
-    if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
-        print_log(f'{path}: AMP training is already enabled in the config', logger='current',
-                  level=logging.WARNING)
-    cfg.optim_wrapper.type = 'AmpOptimWrapper'
-    cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
 
 
 def enable_auto_scale_lr(cfg: Config, path: str) -> None:
@@ -124,6 +115,7 @@ def build_runner(cfg: Config) -> Runner:
     if scope == 'mmdet':
         from mmdet.utils import setup_cache_size_limit_of_dynamo
         setup_cache_size_limit_of_dynamo()
+    init_distributed(cfg)  # gloo without CUDA; mmengine's launcher would call torch.cuda.set_device
     if 'runner_type' in cfg:
         return importlib.import_module(f'{scope}.registry').RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)

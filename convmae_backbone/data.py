@@ -27,6 +27,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
+from .sample_masks import pack_mask
+
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
@@ -126,11 +128,13 @@ class MAERandomFlip(BaseTransform):
 
 
 class PackMAEInputs(BaseTransform):
-    """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W))`` (no data samples: MAE needs no labels)."""
+    """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W))``, plus ``data_samples`` holding the sample's
+    mask when the pipeline drew one (:class:`~convmae_backbone.sample_masks.RandomBlockMask`)."""
 
     def transform(self, results: dict) -> dict:
         arr = np.asarray(results['img'], dtype=np.uint8)  # (H, W, 3)
-        return dict(inputs=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
+        packed = dict(inputs=torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous())
+        return pack_mask(results, packed)  # + data_samples with the sample's mask (RandomBlockMask), if any
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}()'

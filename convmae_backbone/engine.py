@@ -1,7 +1,8 @@
 """Training-reliability hooks for mmengine runs.
 
-* :class:`NonFiniteLossHook` stops a run at the first NaN/Inf loss, before any checkpoint of that iteration
-  is written, naming the iteration and the last good checkpoint.
+* :class:`NonFiniteLossHook` rolls a run back to its last good checkpoint at a NaN/Inf loss (at most
+  ``max_rollbacks`` times, then stops naming the iteration and the checkpoint); no checkpoint with non-finite
+  weights is ever written.
 * :class:`AtomicCheckpointHook` (with the ``atomic_local`` file backend) writes every checkpoint and the
   ``last_checkpoint`` pointer to a temporary file in the same folder and renames it into place, and deletes
   outdated checkpoints only after the new one is complete: a crash while saving never leaves a truncated
@@ -22,10 +23,11 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
-from mmengine.dist import get_rank, is_main_process
+from mmengine.dist import all_reduce, get_rank, is_main_process
 from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 
 
 def atomic_write(path: Union[str, os.PathLike], write: Callable, mode: str = 'wb') -> None:
@@ -120,25 +122,89 @@ def last_checkpoint(work_dir: str) -> Optional[str]:
 
 
 class NonFiniteLossHook(Hook):
-    """Raise ``FloatingPointError`` at the first iteration whose loss is NaN or infinite.
+    """On a NaN/Inf loss (or weights), roll back to the last good checkpoint and continue; stop after
+    ``max_rollbacks`` rollbacks.
 
-    Runs before the checkpoint and logger hooks of the same iteration, so no checkpoint with corrupted weights
-    is written; the message names the iteration and the last good checkpoint to resume from.
+    Checked after every training iteration, before the checkpoint and logger hooks of that iteration: the loss
+    (every output whose name contains ``loss``) and, with ``check_weights``, the model's parameters (a
+    non-finite gradient can corrupt them under a finite loss). All processes agree (the flags are all-reduced),
+    so they roll back together. A rollback loads the weights and the optimizer state (moments, loss scale) of
+    the checkpoint named by ``work_dir/last_checkpoint`` and keeps the iteration counter, the schedule (the
+    current learning rate and other hyper-parameters) and the data order: the run continues with the next
+    batches, each rollback logged with its count. Without a checkpoint to roll back to, or after
+    ``max_rollbacks`` rollbacks (0: stop at the first), it raises ``FloatingPointError`` naming the iteration and
+    the last good checkpoint. As a last guard no checkpoint with non-finite weights is ever written.
     """
 
     priority = 'VERY_HIGH'
 
+    def __init__(self, max_rollbacks: int = 3, check_weights: bool = True):
+        if max_rollbacks < 0:
+            raise ValueError(f'max_rollbacks must be >= 0, got {max_rollbacks}')
+        self.max_rollbacks, self.check_weights = max_rollbacks, check_weights
+        self.rollbacks = 0
+
+    @staticmethod
+    def _model(runner) -> torch.nn.Module:
+        return runner.model.module if is_model_wrapper(runner.model) else runner.model
+
+    def _problem(self, runner, outputs) -> Optional[str]:
+        """What is non-finite on any process: 'loss (value)', 'weights' or None."""
+        value = 0.0
+        for name, out in (outputs or {}).items():
+            if 'loss' in name:
+                value += float(torch.as_tensor(out).detach().float().sum())
+        bad_weights = False
+        if self.check_weights:
+            params = [p.detach() for p in self._model(runner).parameters()]
+            bad_weights = bool(params) and not bool(torch.stack([p.float().sum() for p in params]).isfinite().all())
+        flags = torch.tensor([float(not math.isfinite(value)), float(bad_weights)])
+        all_reduce(flags, op='max')
+        if flags[0]:
+            return f'loss ({value})' if not math.isfinite(value) else 'loss (on another process)'
+        return 'weights' if flags[1] else None
+
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        for name, value in (outputs or {}).items():
-            if 'loss' not in name:
-                continue
-            value = float(torch.as_tensor(value).detach().float().sum())
-            if not math.isfinite(value):
-                last = last_checkpoint(runner.work_dir) or 'none saved yet'
-                msg = (f'non-finite {name} ({value}) at iteration {runner.iter + 1} (epoch {runner.epoch + 1}); '
-                       f'training stopped. Last good checkpoint: {last}')
-                print_log(msg, logger='current', level=logging.ERROR)
-                raise FloatingPointError(msg)
+        problem = self._problem(runner, outputs)
+        if problem is None:
+            return
+        last = last_checkpoint(runner.work_dir)
+        where = f'at iteration {runner.iter + 1} (epoch {runner.epoch + 1})'
+        if last is None or self.rollbacks >= self.max_rollbacks:
+            why = ('no checkpoint to roll back to' if last is None else
+                   f'{self.rollbacks} rollback(s) done, max_rollbacks={self.max_rollbacks}')
+            msg = (f'non-finite {problem} {where}; training stopped ({why}). Last good checkpoint: '
+                   f'{last or "none saved yet"}')
+            print_log(msg, logger='current', level=logging.ERROR)
+            raise FloatingPointError(msg)
+        self.rollback(runner, last)
+        self.rollbacks += 1
+        print_log(f'non-finite {problem} {where}: rolled back to {last} (rollback {self.rollbacks} of at most '
+                  f'{self.max_rollbacks}); continuing with the next iteration', logger='current',
+                  level=logging.WARNING)
+
+    def rollback(self, runner, path: str) -> None:
+        """Load the weights and optimizer state of checkpoint ``path``; keep the current hyper-parameters."""
+        from .checkpoint import safe_torch_load
+        ckpt = safe_torch_load(path, map_location='cpu')
+        state = ckpt.get('state_dict', ckpt)
+        if not all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
+            raise FloatingPointError(f'cannot roll back: checkpoint {path} holds non-finite weights')
+        self._model(runner).load_state_dict(state)
+        wrapper = runner.optim_wrapper
+        if 'optimizer' in ckpt and hasattr(wrapper, 'param_groups'):
+            hyper = [{k: v for k, v in g.items() if k != 'params'} for g in wrapper.param_groups]
+            wrapper.load_state_dict(ckpt['optimizer'])
+            for group, values in zip(wrapper.param_groups, hyper):  # the schedule's values, not the checkpoint's
+                group.update(values)
+        wrapper.zero_grad()
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        bad = [k for k, v in checkpoint.get('state_dict', {}).items()
+               if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise FloatingPointError(f'refusing to write a checkpoint with non-finite weights ({bad[:5]}) at '
+                                     f'iteration {runner.iter}')
 
 
 class ReseedHook(Hook):
@@ -165,3 +231,21 @@ class ReseedHook(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         self._seed(runner, 1, runner.iter)
+
+
+class PlainParamGroupsHook(Hook):
+    """Before training, turn the optimizer's parameter groups into plain ``dict`` s (same keys and values).
+
+    mmengine's optim-wrapper constructors store them as ``ConfigDict``, which TorchDynamo cannot trace: with
+    ``compile=True`` (mmengine compiles ``train_step``, optimizer step included) the run fails at the first
+    step. Runs before the optimizer is used and before compilation (which happens at the first call).
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner) -> None:
+        from mmengine.optim import OptimWrapperDict
+        wrapper = runner.optim_wrapper
+        for wrapper in (wrapper.optim_wrappers.values() if isinstance(wrapper, OptimWrapperDict) else [wrapper]):
+            groups = wrapper.optimizer.param_groups
+            groups[:] = [dict(group) for group in groups]

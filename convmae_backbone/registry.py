@@ -1,7 +1,7 @@
 """Registration of this package's components in the OpenMMLab registries it serves."""
 import importlib
 
-from mmengine.registry import DATA_SAMPLERS, DATASETS, HOOKS, TRANSFORMS
+from mmengine.registry import DATA_SAMPLERS, DATASETS, HOOKS, OPTIM_WRAPPERS, TRANSFORMS
 from mmengine.registry import MODELS as ENGINE_MODELS
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as ENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 
@@ -35,11 +35,15 @@ def register_all() -> None:
 
 
 def _register_training_components() -> None:
-    """Pretraining dataset, transforms and hooks, in mmengine's root registries."""
-    from . import data, engine, knn
+    """Pretraining dataset, transforms and hooks, and the bf16 optim wrapper, in mmengine's root registries."""
+    from . import amp, data, distributed, engine, knn, sample_masks
+    _register(OPTIM_WRAPPERS, amp.BF16OptimWrapper)
+    distributed.register()
     _register(DATASETS, data.ImageFolderDataset)
     _register(DATA_SAMPLERS, data.SeededSampler)
-    for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs):
+    for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs,
+                sample_masks.RandomBlockMask):
         _register(TRANSFORMS, cls)
-    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook, knn.KNNMonitorHook):
+    for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook,
+                engine.PlainParamGroupsHook, knn.KNNMonitorHook):
         _register(HOOKS, cls)

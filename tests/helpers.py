@@ -36,6 +36,7 @@ train_pipeline = [
     dict(type='LoadRGBImage'),
     dict(type='MAERandomResizedCrop', size=32, scale=(0.2, 1.0)),
     dict(type='MAERandomFlip', prob=0.5),
+    dict(type='RandomBlockMask', input_size=32, patch_size=16, mask_ratio=0.75),
     dict(type='PackMAEInputs'),
 ]
 train_dataloader = dict(batch_size=4, num_workers=0, persistent_workers=False, pin_memory=False,

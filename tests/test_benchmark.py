@@ -1,4 +1,5 @@
-"""tools/benchmark.py: its FLOP counting and a smoke run of the pretraining comparison."""
+"""convmae_backbone.benchmark: its FLOP counting, a quick smoke run of the pretraining comparison (eager, compiled,
+fp32 and bf16) and a clear report when the official code cannot be used."""
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_pretrain_runner import load_tool
+from convmae_backbone import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,32 +17,69 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize('groups', [1, 8])
 def test_flop_counter_counts_grouped_conv_backward_by_its_groups(groups):
     """Forward, grad_input and grad_weight of a conv each cost the forward's multiply-adds (2 FLOPs each)."""
-    bench = load_tool('benchmark')
     x = torch.randn(2, 8, 6, 6, requires_grad=True)
     w = torch.randn(8, 8 // groups, 5, 5, requires_grad=True)
     macs = 2 * 8 * 6 * 6 * (8 // groups) * 25  # N * C_out * H * W * C_in/groups * k*k
-    counter = bench._flop_counter()
+    counter = benchmark.flop_counter()
     with counter:
         F.conv2d(x, w, padding=2, groups=groups).sum().backward()
     assert counter.get_total_flops() == 3 * 2 * macs
-    counter = bench._flop_counter()
+    counter = benchmark.flop_counter()
     with counter:  # no grad_input wanted: only grad_weight is computed and counted
         F.conv2d(x.detach(), w, padding=2, groups=groups).sum().backward()
     assert counter.get_total_flops() == 2 * 2 * macs
 
 
-def test_quick_pretrain_comparison(tmp_path):
+def _quick(tmp_path, *args) -> dict:
     out = tmp_path / 'bench.json'
     proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'pretrain',
-                           '--iters', '1', '--device', 'cpu', '--json', str(out)],
+                           '--iters', '1', '--warmup', '2', '--device', 'cpu', '--json', str(out), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert 'sparse / dense' in proc.stdout and 'Backbone forward' not in proc.stdout
-    entry = json.loads(out.read_text())['results'][0]
-    sparse, dense = entry['pretrain']['sparse'], entry['pretrain']['dense']
-    assert sparse['optimizer'] == dense['optimizer'] == 'AdamW(fused=True)'  # the paper config's optimizer
-    assert sparse['params'] == dense['params']
-    assert 0.3 < entry['pretrain_ratio']['flops'] < 0.8  # stage 1-2 work skipped, the rest unchanged
-    for r in (sparse, dense):
-        assert 0 < r['held_mb'] < r['floor_mb'] <= r['peak_mb'] and r['best_s'] > 0
-    assert entry['gemm']['gflops_per_s'] > 0
+    assert 'official formulation (our reimplementation)' in proc.stdout and 'Backbone forward' not in proc.stdout
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
+def test_quick_pretrain_comparison(tmp_path, dtype):
+    """fp32 through OptimWrapper, eager and compiled; bf16 through the wrapper --amp selects on CPU."""
+    entry, = _quick(tmp_path, '--dtype', dtype, *(['--compile'] if dtype == 'fp32' else []))['results']
+    assert entry['dtype'] == dtype and entry['gemm']['gflops_per_s'] > 0
+    rows = entry['pretrain']
+    eager = [rows[v] for v in ('sparse', 'dense', 'official-formulation')]
+    wrapper = 'OptimWrapper' if dtype == 'fp32' else 'BF16OptimWrapper'
+    assert all(r['wrapper'] == wrapper and r['optimizer'] == 'AdamW(fused=True)' for r in eager)
+    assert len({r['params'] for r in eager}) == 1
+    assert 0.3 < rows['sparse']['flops'] / rows['dense']['flops'] < 0.8  # stage 1-2 work skipped
+    # explicit attention: the same matmuls as SDPA (as the FLOP counter credits them), up to 1 %
+    assert rows['official-formulation']['flops'] == pytest.approx(rows['dense']['flops'], rel=0.01)
+    for r in eager:
+        assert r['best_s'] > 0 and r['img_per_s'] > 0 and 0 < r['held_mb'] < r['peak_mb']
+    if dtype == 'fp32':
+        compiled = rows['sparse-compiled']['compile']
+        assert compiled['graphs'] >= 1 and compiled['recompiles'] == 0  # new masks each step: no recompilation
+        assert rows['sparse-compiled']['best_s'] > 0
+
+
+def test_quick_backbone_rows_from_the_det_and_seg_configs(tmp_path):
+    pytest.importorskip('mmdet')
+    pytest.importorskip('mmseg')
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'backbone',
+                           '--iters', '1', '--warmup', '1', '--device', 'cpu', '--dtype', 'bf16', '--json', str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    entry, = json.loads(out.read_text())['results']
+    for task, size in (('det', 128), ('seg', 64)):  # the quick sizes of the 1024 (det) and 512 (seg) rows
+        fused, explicit = entry[f'backbone_{task}']['fused'], entry[f'backbone_{task}']['explicit']
+        assert fused['size'] == explicit['size'] == size
+        assert fused['flops'] == pytest.approx(explicit['flops'], rel=0.01) and fused['best_s'] > 0
+    assert 'Backbone forward (det config)' in proc.stdout and 'Pretraining step' not in proc.stdout
+
+
+def test_official_source_that_cannot_be_imported_is_reported(tmp_path):
+    (tmp_path / 'models_convmae.py').write_text('import module_that_does_not_exist\n')
+    with pytest.raises(ImportError, match=r'cannot be imported .*ModuleNotFoundError.*module_that_does_not_exist'):
+        benchmark.import_official(str(tmp_path))
+    with pytest.raises(ImportError, match='not a checkout of Alpha-VL/ConvMAE'):
+        benchmark.import_official(str(tmp_path / 'nowhere'))

@@ -37,11 +37,14 @@ def test_base_config_builds_convmae_base():
 
 
 def test_cli_options_resume_amp(monkeypatch):
-    with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
-        pretrain_config([str(BASE_CFG), '--amp'])
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    cfg = pretrain_config([str(BASE_CFG), '--amp'])
+    assert cfg.optim_wrapper.type == 'BF16OptimWrapper' and 'loss_scale' not in cfg.optim_wrapper  # CPU: bf16
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only the config is built, nothing runs
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)  # a pre-Ampere GPU: fp16
     cfg = pretrain_config([str(BASE_CFG), '--amp', '--resume'])
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 'dynamic'
+    assert cfg.optim_wrapper.dtype == 'float16'
     assert cfg.resume is True and cfg.load_from is None
     with pytest.raises(ValueError, match=r'begins at epoch 40 but train_cfg.max_epochs is 30'):
         pretrain_config([str(BASE_CFG), '--cfg-options', 'train_cfg.max_epochs=30'])
@@ -132,7 +135,8 @@ def test_demo_config_inherits_base():
     assert cfg.model.norm_pix_loss and cfg.model.mask_ratio == 0.75
     assert cfg.optim_wrapper.optimizer.betas == (0.9, 0.95)
     assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
-    assert {h['type'] for h in cfg.custom_hooks} == {'NonFiniteLossHook', 'ReseedHook', 'KNNMonitorHook'}
+    assert {h['type'] for h in cfg.custom_hooks} == {'NonFiniteLossHook', 'ReseedHook', 'PlainParamGroupsHook',
+                                                     'KNNMonitorHook'}
     assert cfg.train_dataloader.dataset.pipeline[1].size == cfg.model.img_size
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) < 3_000_000

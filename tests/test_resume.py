@@ -1,5 +1,6 @@
-"""Training reliability: kill -9 and --resume reproduce an uninterrupted run exactly; a non-finite loss stops
-the run before a bad checkpoint is written; a crash while saving never damages the latest checkpoint."""
+"""Training reliability: kill -9 and --resume reproduce an uninterrupted run exactly; a non-finite loss rolls the
+run back to the last good checkpoint (and stops after max_rollbacks) without ever writing a bad checkpoint; a
+crash while saving never damages the latest checkpoint."""
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from helpers import ROOT, make_images, write_tiny_config
 
 from convmae_backbone import cli
 from convmae_backbone.checkpoint import safe_torch_load
-from convmae_backbone.engine import atomic_write
+from convmae_backbone.engine import NonFiniteLossHook, atomic_write
 from convmae_backbone.models import ConvMAEPretrainer
 
 PRETRAIN = str(ROOT / 'tools' / 'pretrain.py')
@@ -64,25 +65,79 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert all(torch.equal(opt[k]['exp_avg'], opt_ref[k]['exp_avg']) for k in opt_ref)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=3)
-    work = tmp_path / 'work'
+def _inject(monkeypatch, bad_calls, what='loss'):
+    """Make the training forward passes numbered in ``bad_calls`` (1-based) produce a NaN loss, or (``what=
+    'weights'``) leave a NaN in a weight under a finite loss."""
     original, calls = ConvMAEPretrainer.forward, []
 
     def forward(self, inputs, data_samples=None, mode='tensor'):
         out = original(self, inputs, data_samples, mode)
-        calls.append(mode)
-        if mode == 'loss' and len(calls) == 3:  # the third training iteration, first of epoch 2
-            out['loss'] = out['loss'] * float('nan')
+        if mode == 'loss':
+            calls.append(mode)
+            if len(calls) in bad_calls:
+                if what == 'loss':
+                    out['loss'] = out['loss'] * float('nan')
+                else:
+                    with torch.no_grad():
+                        self.decoder_pred.bias[0] = float('nan')
         return out
 
     monkeypatch.setattr(ConvMAEPretrainer, 'forward', forward)
+
+
+@pytest.mark.parametrize('what', ['loss', 'weights'])
+def test_non_finite_loss_rolls_back_to_last_good_checkpoint_and_finishes(tmp_path, monkeypatch, what):
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=3)
+    work = tmp_path / 'work'
+    _inject(monkeypatch, {3}, what)  # the third training iteration, first of epoch 2
+    restored = []
+    rollback = NonFiniteLossHook.rollback
+
+    def spy(self, runner, path):
+        rollback(self, runner, path)
+        restored.append((path, {k: v.clone() for k, v in runner.model.state_dict().items()},
+                         [g['lr'] for g in runner.optim_wrapper.param_groups]))
+
+    monkeypatch.setattr(NonFiniteLossHook, 'rollback', spy)
+    runner = cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', f'experiment_name=nan_{what}'])
+    assert runner.iter == 6 and [p for p, _, _ in restored] == [str(work / 'epoch_1.pth')]
+    good = safe_torch_load(work / 'epoch_1.pth')['state_dict']
+    for key, value in good.items():  # right after the rollback: exactly the last good weights
+        assert torch.equal(restored[0][1][key], value), key
+    assert all(lr > 0 for lr in restored[0][2])
+    for epoch in (2, 3):
+        state = safe_torch_load(work / f'epoch_{epoch}.pth')['state_dict']
+        assert all(torch.isfinite(v).all() for v in state.values())
+    assert not torch.equal(state['decoder_pred.weight'], good['decoder_pred.weight'])  # trained on after it
+    log = next(work.rglob('*.log')).read_text()
+    assert f'non-finite {what}' in log and 'at iteration 3 (epoch 2): rolled back to' in log
+    assert 'rollback 1 of at most 3' in log
+
+
+def test_repeated_non_finite_loss_stops_after_max_rollbacks(tmp_path, monkeypatch):
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=3)
+    work = tmp_path / 'work'
+    _inject(monkeypatch, set(range(3, 20)))
+    with pytest.raises(FloatingPointError, match=r'non-finite loss \(nan\) at iteration 5 \(epoch 3\); training '
+                                                 r'stopped \(2 rollback\(s\) done, max_rollbacks=2\)\. Last good '
+                                                 r'checkpoint: .*epoch_2\.pth'):
+        cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=nan_stop',
+                       'custom_hooks.0.max_rollbacks=2'])
+    # epoch 2 ended on rolled-back (epoch 1) weights: its checkpoint is finite
+    for epoch in (1, 2):
+        assert all(torch.isfinite(v).all() for v in safe_torch_load(work / f'epoch_{epoch}.pth')['state_dict'].values())
+    assert not (work / 'epoch_3.pth').exists()
+
+
+def test_max_rollbacks_zero_stops_at_first_non_finite_loss(tmp_path, monkeypatch):
+    cfg = write_tiny_config(tmp_path / 'tiny.py', make_images(tmp_path / 'data'), max_epochs=3)
+    work = tmp_path / 'work'
+    _inject(monkeypatch, {3})
     with pytest.raises(FloatingPointError, match=r'non-finite loss \(nan\) at iteration 3 .*epoch_1\.pth'):
-        cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=nan_stop'])
+        cli.pretrain([str(cfg), '--work-dir', str(work), '--cfg-options', 'experiment_name=nan_zero',
+                      'custom_hooks.0.max_rollbacks=0'])
     assert (work / 'last_checkpoint').read_text().strip() == str(work / 'epoch_1.pth')
     assert not (work / 'epoch_2.pth').exists()
-    state = safe_torch_load(work / 'epoch_1.pth')['state_dict']
-    assert all(torch.isfinite(v).all() for v in state.values())
 
 
 def test_atomic_write_keeps_old_content_on_failure(tmp_path):

@@ -13,12 +13,15 @@
 # The schedulers leave `end` unset, so they follow train_cfg.max_epochs (which must exceed the 40 warm-up
 # epochs).
 #
-# Reliability: checkpoints are written atomically (AtomicCheckpointHook), a NaN/Inf loss stops the run before
-# a bad checkpoint is written (NonFiniteLossHook), and `--resume` continues from the last epoch checkpoint
-# with the same crops, flips and masks as an uninterrupted run (SeededSampler + ReseedHook; mmengine resumes
-# at epoch boundaries, so keep checkpoints by epoch).
+# Reliability: checkpoints are written atomically (AtomicCheckpointHook); a NaN/Inf loss rolls the run back to
+# the last good checkpoint and it continues (at most 3 times, then it stops; the official code stops), and no
+# checkpoint with non-finite weights is written (NonFiniteLossHook); `--resume` continues from the last epoch
+# checkpoint with the same crops, flips and masks as an uninterrupted run (SeededSampler + RandomBlockMask;
+# mmengine resumes at epoch boundaries, so keep checkpoints by epoch). `--amp`: bf16 autocast where the device
+# has it (CPU, Ampere+ GPUs), else fp16 with dynamic loss scaling (convmae_backbone.amp).
 data_root = 'data/imagenet/'  # train/<class>/*.JPEG, or any (flat or nested) folder of images
 img_size = 224
+mask_ratio = 0.75  # the model's and the pipeline's (RandomBlockMask draws each sample's mask)
 
 model = dict(
     type='ConvMAEPretrainer',
@@ -31,7 +34,7 @@ model = dict(
     decoder_embed_dim=512,
     decoder_depth=8,
     decoder_num_heads=16,
-    mask_ratio=0.75,
+    mask_ratio=mask_ratio,
     norm_pix_loss=True,
     loss_type='mse',
     data_preprocessor=dict(
@@ -44,6 +47,9 @@ train_pipeline = [
     dict(type='LoadRGBImage'),  # any mode -> 8-bit RGB; unreadable files are skipped with a warning
     dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
     dict(type='MAERandomFlip', prob=0.5),
+    # the sample's mask, from its seed like the crop and flip: the same on any number of processes/workers
+    # (the official code draws masks per process in the model)
+    dict(type='RandomBlockMask', input_size=img_size, patch_size=16, mask_ratio=mask_ratio),
     dict(type='PackMAEInputs'),
 ]
 train_dataloader = dict(
@@ -83,12 +89,15 @@ default_hooks = dict(
     checkpoint=dict(type='AtomicCheckpointHook', interval=20, max_keep_ckpts=3),
     sampler_seed=dict(type='DistSamplerSeedHook'),
 )
-custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook')]
+custom_hooks = [
+    dict(type='NonFiniteLossHook', max_rollbacks=3),
+    dict(type='ReseedHook'),
+    dict(type='PlainParamGroupsHook'),  # lets `--cfg-options compile=True` (torch.compile) trace the optimizer
+]
 # Online k-NN monitor (off here): every 20 epochs, weighted k-NN (k 20, T 0.07) of the encoder's pooled features
 # on a labelled folder <root>/{train,val}/<class>/*, logged as knn/top1 and knn/top5 (convmae_backbone/knn.py).
 # Every image of both splits is embedded each time: use a subset of ImageNet (a few dozen images per class).
-# custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook'),
-#                 dict(type='KNNMonitorHook', data_root='data/imagenet_knn', interval=20)]
+# custom_hooks.append(dict(type='KNNMonitorHook', data_root='data/imagenet_knn', interval=20))
 
 env_cfg = dict(
     cudnn_benchmark=False,

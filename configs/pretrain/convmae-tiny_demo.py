@@ -22,6 +22,7 @@ train_pipeline = [
     dict(type='LoadRGBImage'),
     dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
     dict(type='MAERandomFlip', prob=0.5),
+    dict(type='RandomBlockMask', input_size=img_size, patch_size=16, mask_ratio={{_base_.mask_ratio}}),
     dict(type='PackMAEInputs'),
 ]
 train_dataloader = dict(
@@ -41,8 +42,9 @@ default_hooks = dict(
     logger=dict(interval=5),
     checkpoint=dict(interval=4, max_keep_ckpts=1))
 custom_hooks = [
-    dict(type='NonFiniteLossHook'),
+    dict(type='NonFiniteLossHook', max_rollbacks=3),
     dict(type='ReseedHook'),
+    dict(type='PlainParamGroupsHook'),
     dict(type='KNNMonitorHook', interval=2),  # data_root: the training data root (train/ and val/ inside)
 ]
 env_cfg = dict(dist_cfg=dict(backend='gloo'))

@@ -27,6 +27,10 @@ class BlockMask:
     Args:
         mask: (B, L) bool, True = masked, L = h * w.
         grid: the token grid (h, w).
+        num_visible: the number of visible tokens per image, when known in advance (e.g. from the mask ratio).
+            Under ``torch.compile`` it is then checked without reading the mask on the host
+            (``torch._assert_async``), so that the mask's values never enter a compiled graph's control flow;
+            without it, it is read from the mask.
 
     Attributes:
         mask: (B, L) bool, True = masked.
@@ -36,7 +40,7 @@ class BlockMask:
         ids_restore: (B, L) position in ``[visible..., masked...]`` of every raster token.
     """
 
-    def __init__(self, mask: Tensor, grid: Tuple[int, int]):
+    def __init__(self, mask: Tensor, grid: Tuple[int, int], num_visible: Optional[int] = None):
         b = mask.shape[0]
         h, w = grid
         if mask.dim() != 2 or mask.shape[1] != h * w:
@@ -44,10 +48,21 @@ class BlockMask:
                              f'{tuple(mask.shape)}')
         mask = mask.bool()
         visible = (~mask).sum(dim=1)
-        if (visible != visible[0]).any() or visible[0] == 0:
-            raise ValueError(f'every image needs the same, non-zero number of visible tokens; got {visible.tolist()}')
+        if num_visible is None:
+            if (visible != visible[0]).any() or visible[0] == 0:
+                raise ValueError(f'every image needs the same, non-zero number of visible tokens; got '
+                                 f'{visible.tolist()}')
+            num_visible = int(visible[0])
+        else:
+            if not 0 < num_visible <= h * w:
+                raise ValueError(f'num_visible must be in [1, {h * w}], got {num_visible}')
+            msg = f'every mask must leave exactly {num_visible} of {h * w} tokens visible'
+            if torch.compiler.is_compiling():
+                torch._assert_async((visible == num_visible).all(), msg)
+            elif (visible != num_visible).any():
+                raise ValueError(f'{msg}; got {visible.tolist()}')
         self.mask, self.grid = mask, (int(h), int(w))
-        self.num_visible = int(visible[0])
+        self.num_visible = int(num_visible)
         ids_shuffle = mask.to(torch.uint8).argsort(dim=1, stable=True)
         self.ids_keep = ids_shuffle[:, :self.num_visible]
         self.ids_restore = ids_shuffle.argsort(dim=1)
@@ -59,7 +74,9 @@ class BlockMask:
     def random(cls, batch: int, grid: Tuple[int, int], mask_ratio: float, device=None,
                generator: Optional[torch.Generator] = None) -> 'BlockMask':
         """Exactly ``int(L * (1 - mask_ratio))`` visible tokens per image, drawn independently per image."""
-        return cls(random_mask(batch, grid[0] * grid[1], mask_ratio, device, generator), grid)
+        num_tokens = grid[0] * grid[1]
+        return cls(random_mask(batch, num_tokens, mask_ratio, device, generator), grid,
+                   int(num_tokens * (1 - mask_ratio)))
 
     # ------------------------------------------------------------------------------------- tokens (B, L, C)
     def keep(self, x: Tensor) -> Tensor:

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from .attention import TransformerBlock
 from .convvit import ConvViT
+from ..sample_masks import batch_masks
 from .masking import BlockMask, conv_as_linear
 from .utils import get_2d_sincos_pos_embed, patchify
 
@@ -145,15 +146,21 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Mean over masked tokens (``mask`` (B, L) bool) of the per-token MSE (or L1) between ``pred`` and the
-        target."""
-        diff = pred - self.reconstruction_target(imgs)
-        per_token = (diff ** 2 if self.loss_type == 'mse' else diff.abs()).mean(dim=-1)
-        m = mask.to(per_token.dtype)
-        return (per_token * m).sum() / m.sum()
+        target. Always in (at least) fp32, also under autocast: the target statistics and the loss."""
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # float64 stays float64 (parity tests)
+        with torch.autocast(device_type=imgs.device.type, enabled=False):
+            diff = pred.to(dtype) - self.reconstruction_target(imgs.to(dtype))
+            per_token = (diff ** 2 if self.loss_type == 'mse' else diff.abs()).mean(dim=-1)
+            m = mask.to(per_token.dtype)
+            return (per_token * m).sum() / m.sum()
 
-    def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None,
-                    generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                    from_ratio: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
         """imgs (B, 3, H, W), H and W multiples of 16; mask (B, L) bool, True = masked, or None to draw one.
+
+        ``from_ratio``: a given mask must leave the number of tokens visible that ``mask_ratio`` implies; the
+        count is then known without reading the mask (no data-dependent control flow under ``torch.compile``).
+        Otherwise any mask with the same visible count in every row is accepted.
 
         Returns (loss, pred (B, L, 16*16*3), mask (B, L) bool).
         """
@@ -161,15 +168,26 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         if mask is None:
             block_mask = BlockMask.random(imgs.shape[0], grid, self.mask_ratio, imgs.device, generator)
         else:
-            block_mask = BlockMask(mask.to(imgs.device), grid)
+            expected = int(grid[0] * grid[1] * (1 - self.mask_ratio)) if from_ratio else None
+            try:
+                block_mask = BlockMask(mask.to(imgs.device), grid, expected)
+            except ValueError as exc:
+                if not from_ratio:
+                    raise
+                raise ValueError(f'{exc}: the model has mask_ratio={self.mask_ratio}; the data pipeline '
+                                 f'(RandomBlockMask) must use the same') from exc
         latent = self.forward_encoder(imgs, block_mask)
         pred = self.forward_decoder(latent, block_mask)
         return self.forward_loss(imgs, pred, block_mask.mask), pred, block_mask.mask
 
     def forward(self, inputs: Tensor, data_samples: Optional[List] = None,
                 mode: str = 'tensor') -> Union[Dict[str, Tensor], Tensor, List]:
-        """mmengine entry point: ``loss`` -> dict(loss=...), ``tensor``/``predict`` -> (pred, mask)."""
-        loss, pred, mask = self.forward_mae(inputs)
+        """mmengine entry point: ``loss`` -> dict(loss=...), ``tensor``/``predict`` -> (pred, mask).
+
+        inputs (B, 3, H, W); data_samples: per-sample masks (``.mask`` (L,) bool, drawn by the pipeline's
+        ``RandomBlockMask``) when present, else the masks are drawn here.
+        """
+        loss, pred, mask = self.forward_mae(inputs, batch_masks(data_samples), from_ratio=True)
         if mode == 'loss':
             return dict(loss=loss)
         if mode in ('tensor', 'predict'):
