@@ -62,8 +62,6 @@ def test_quick_pretrain_comparison(tmp_path, dtype):
 
 
 def test_quick_backbone_rows_from_the_det_and_seg_configs(tmp_path):
-    pytest.importorskip('mmdet')
-    pytest.importorskip('mmseg')
     out = tmp_path / 'bench.json'
     proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'backbone',
                            '--iters', '1', '--warmup', '1', '--device', 'cpu', '--dtype', 'bf16', '--json', str(out)],

@@ -96,7 +96,6 @@ def test_sync_bn_on_cpu_equals_batch_norm_of_the_global_batch(tmp_path):
 def test_segmentation_finetune_with_sync_bn_two_processes_match_one(tmp_path):
     """mmseg UperNet with SyncBN heads through tools/train.py and tools/dist_train.sh (gloo): 2 epochs of 8
     images, 2 processes x 2 images per iteration = 1 process x 4, weights and BN statistics."""
-    pytest.importorskip('mmseg')
     import importlib.util
     spec = importlib.util.spec_from_file_location('demo_finetune', ROOT / 'tools' / 'demo_finetune.py')
     demo = importlib.util.module_from_spec(spec)

@@ -211,7 +211,6 @@ def test_hook_in_tiny_demo_pretraining_logs_knn_and_draws_curve(tmp_path):
 def test_hook_on_a_classifier_uses_its_backbone_and_rgb_normalisation(tmp_path):
     """An mmpretrain classifier (ConvMAE at .backbone, a BGR->RGB data preprocessor) gives the same k-NN
     features as the pretrainer holding the same encoder weights: images go in RGB with the model's mean/std."""
-    pytest.importorskip('mmpretrain')
     from mmpretrain.registry import MODELS
     root = _write_folder(str(tmp_path / 'data'), per_class=(2, 1))
     pretrainer = _tiny_pretrainer().eval()
