@@ -27,7 +27,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--work-dir', help='folder for logs and checkpoints (default: work_dirs/<config name>)')
     parser.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CKPT',
                         help='resume from CKPT, or from the latest checkpoint of the work dir if no CKPT is given')
-    parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 autocast where the device has it, else fp16 with dynamic loss scaling')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: bf16 autocast where the device has it, else fp16 with dynamic '
+                             'loss scaling')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by (total batch) / auto_scale_lr.base_batch_size')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys, key=value')

@@ -29,7 +29,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description='Train an mmdet detector or mmseg segmentor with ConvMAE')
     parser.add_argument('config', help='train config file path')
     parser.add_argument('--work-dir', help='the dir to save logs and models')
-    parser.add_argument('--amp', action='store_true', help='mixed precision: bf16 autocast where the device has it, else fp16 with dynamic loss scaling')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: bf16 autocast where the device has it, else fp16 with dynamic '
+                             'loss scaling')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the actual/base batch size (configs with auto_scale_lr)')
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
