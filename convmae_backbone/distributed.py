@@ -100,7 +100,8 @@ def dist_backend(requested: Optional[str] = None) -> str:
 
 def init_distributed(cfg: Config) -> None:
     """Initialise the process group for ``cfg.launcher == 'pytorch'`` (torchrun), on CPU or CUDA, before the
-    Runner is built; a no-op for other launchers or when a group exists.
+    Runner is built; a no-op for other launchers (slurm, mpi: mmengine's, CUDA only), for an ``init_backend``
+    other than torch, or when a group exists.
 
     CUDA: ``torch.cuda.set_device(LOCAL_RANK)`` and the config's backend (nccl by default). No CUDA: gloo, the
     DDP wrapper :class:`DeviceAwareDistributedDataParallel` (a config's ``model_wrapper_cfg`` of type
@@ -115,6 +116,8 @@ def init_distributed(cfg: Config) -> None:
         raise RuntimeError(f'--launcher pytorch needs the environment torchrun sets; missing {missing} (start the '
                            f'tool with tools/dist_train.sh, tools/dist_pretrain.sh or torchrun)')
     dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    if dist_cfg.pop('init_backend', 'torch') != 'torch':  # deepspeed / colossalai: mmengine's init_dist does it
+        return
     backend = dist_backend(dist_cfg.pop('backend', None))
     if 'timeout' in dist_cfg:
         dist_cfg['timeout'] = timedelta(seconds=dist_cfg['timeout'])
