@@ -303,7 +303,6 @@ def worker_backbone(cfg: dict) -> dict:
     """One backbone variant (fused / explicit attention, eager / compiled), inference on a random image."""
     from . import registry
     from .models import ConvMAE
-    from .models.attention import Attention
     from .models.reference import with_explicit_attention
     registry.register_all()
     device, variant = cfg['device'], cfg['variant']
@@ -312,11 +311,10 @@ def worker_backbone(cfg: dict) -> dict:
     model = ConvMAE(**kwargs).to(device).eval()
     if variant == 'explicit':
         with_explicit_attention(model)
-    for m in model.modules():
-        if isinstance(m, Attention) and m.use_rel_pos:
-            with torch.no_grad():  # non-zero relative position tables, as after training
-                m.rel_pos_h.normal_(std=0.02)
-                m.rel_pos_w.normal_(std=0.02)
+    with torch.no_grad():  # non-zero relative position tables (of any kind), as after training
+        for name, p in model.named_parameters():
+            if 'rel_pos' in name or 'relative_position_bias_table' in name:
+                p.normal_(std=0.02)
     x = torch.randn(cfg['backbone_batch'], 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     held_cpu = _current_rss_mb()
     compiled = variant.endswith('compiled')
