@@ -4,8 +4,6 @@ One row per image: original | masked input | reconstruction | reconstruction wit
 back. With a norm-pix model the predicted patches are un-normalised with each target patch's own mean and
 variance, as in MAE.
 """
-import glob
-import os.path as osp
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,31 +25,84 @@ def stored_config(ckpt: dict) -> Optional[Config]:
     return Config.fromstring(text, '.py') if isinstance(text, str) and text else None
 
 
+#: Weights a ConvMAE pretraining checkpoint holds beyond the encoder.
+DECODER_KEYS = ('mask_token', 'decoder_embed.weight', 'decoder_pred.weight')
+NEEDS = ('give a checkpoint written by tools/pretrain.py, or an official ConvMAE pretraining checkpoint with '
+         '--config')
+
+
+def _raw_weights(ckpt) -> dict:
+    """The tensor dict of a loaded checkpoint (under 'state_dict', 'model' or 'module'), prefixes kept."""
+    if isinstance(ckpt, dict):
+        for key in ('state_dict', 'model', 'module'):
+            if isinstance(ckpt.get(key), dict):
+                return ckpt[key]
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def describe_weights(ckpt) -> str:
+    """What a loaded checkpoint holds, in words: 'a ConvMAE pretraining model', 'a detector (...)',
+    'a ConvMAE encoder without the decoder (...)', or its top-level key prefixes."""
+    raw = {k: v for k, v in _raw_weights(ckpt).items() if isinstance(v, torch.Tensor)}
+    if not raw:
+        return 'no tensors'
+    keys = [k[len('module.'):] if k.startswith('module.') else k for k in raw]
+    tops = sorted({k.split('.')[0] for k in keys})
+    if any(k.startswith(('decode_head.', 'auxiliary_head.')) for k in keys):
+        return f'a segmentor: {", ".join(tops)}'
+    if any(k.startswith(('roi_head.', 'rpn_head.', 'bbox_head.')) for k in keys):
+        return f'a detector: {", ".join(tops)}'
+    state = extract_state_dict(ckpt)
+    has_encoder = 'pos_embed' in state and any(k.startswith('blocks3.') for k in state)
+    if has_encoder and all(k in state for k in DECODER_KEYS):
+        return 'a ConvMAE pretraining model'
+    if has_encoder:
+        return 'a ConvMAE encoder without the decoder (a backbone export or a fine-tuned backbone)'
+    if any(k.startswith('layer1.') for k in keys):
+        return f'a ResNet-like network: {", ".join(tops[:8])}'
+    return f'a model with top-level weights {", ".join(tops[:8])}{" ..." if len(tops) > 8 else ""}'
+
+
+def check_pretraining_checkpoint(ckpt_path: str, ckpt) -> None:
+    """Raise :class:`CheckpointError` naming the file, what it holds and what is needed unless the loaded
+    checkpoint ``ckpt`` holds a ConvMAE pretraining model (encoder and decoder)."""
+    kind = describe_weights(ckpt)
+    if kind != 'a ConvMAE pretraining model':
+        raise CheckpointError(f'{ckpt_path} is not a ConvMAE pretraining checkpoint (it holds {kind}); {NEEDS}')
+
+
 def find_config(ckpt_path: str, ckpt: dict, config: Optional[str] = None) -> Config:
-    """``config``, else the config text mmengine stores in the checkpoint's ``meta.cfg``, else the single .py
-    next to the checkpoint; raises :class:`CheckpointError` if there is none of them."""
+    """``config``, else the config text mmengine stores in the checkpoint's ``meta.cfg``; raises
+    :class:`CheckpointError` if there is neither. Never guessed from other files."""
     if config:
         return Config.fromfile(config)
     stored = stored_config(ckpt)
     if stored is not None:
         return stored
-    candidates = glob.glob(osp.join(osp.dirname(osp.abspath(ckpt_path)), '*.py'))
-    if len(candidates) == 1:
-        return Config.fromfile(candidates[0])
-    raise CheckpointError(f'{ckpt_path} stores no config and there is no single *.py next to it '
-                          f'({len(candidates)} found); pass --config')
+    raise CheckpointError(f'{ckpt_path} stores no config (no meta.cfg, e.g. an official pretraining checkpoint); '
+                          f'pass --config with the pretraining config of the model')
 
 
 def build_model(ckpt_path: str, config: Optional[str] = None,
                 mask_ratio: Optional[float] = None) -> ConvMAEPretrainer:
-    """The ConvMAEPretrainer of the config (:func:`find_config`), with the checkpoint's weights, in eval mode."""
+    """The ConvMAEPretrainer of the config (:func:`find_config`), with the checkpoint's weights, in eval mode.
+    Raises :class:`CheckpointError` for anything but a ConvMAE pretraining checkpoint."""
     from mmengine.registry import MODELS
     ckpt = safe_torch_load(ckpt_path)
+    check_pretraining_checkpoint(ckpt_path, ckpt)
     model_cfg = find_config(ckpt_path, ckpt, config).model.copy()
     if mask_ratio is not None:
         model_cfg.mask_ratio = mask_ratio
     model = MODELS.build(model_cfg)
-    model.load_state_dict(extract_state_dict(ckpt), strict=True)
+    if not isinstance(model, ConvMAEPretrainer):
+        raise CheckpointError(f'the config of {ckpt_path} builds a {type(model).__name__}, not a '
+                              f'ConvMAEPretrainer; {NEEDS}')
+    try:
+        model.load_state_dict(extract_state_dict(ckpt), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise CheckpointError(f'{ckpt_path} does not fit the model of its config ({" ".join(first)[:400]}); '
+                              f'pass the --config it was trained with') from exc
     return model.eval()
 
 

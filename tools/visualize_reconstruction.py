@@ -6,7 +6,7 @@
 One row per image: original | masked input | reconstruction | reconstruction with the visible blocks pasted
 back. Each image is resized (shorter side) and centre-cropped to N x N (default: the model's img_size). The
 model is built from ``--config``, else from the config stored in the checkpoint (mmengine writes it to
-``meta.cfg``), else from the single ``*.py`` next to the checkpoint. The PNG is (rows * N * K) x (4 * N * K)
+``meta.cfg``); anything but a ConvMAE pretraining checkpoint is refused with what it holds. The PNG is (rows * N * K) x (4 * N * K)
 pixels.
 """
 import argparse
@@ -14,9 +14,11 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
+from convmae_backbone.cli import run_tool  # noqa: E402
 from convmae_backbone.visualization import visualize  # noqa: E402
 
-if __name__ == '__main__':
+
+def main() -> None:
     parser = argparse.ArgumentParser(description='visualise ConvMAE reconstructions')
     parser.add_argument('checkpoint')
     parser.add_argument('images', nargs='+')
@@ -31,3 +33,7 @@ if __name__ == '__main__':
     width, height = visualize(args.checkpoint, args.images, args.out, args.config, args.img_size, args.seed,
                               args.mask_ratio, args.scale)
     print(f'wrote {args.out} ({width}x{height}, {len(args.images)} image(s))')
+
+
+if __name__ == '__main__':
+    run_tool(main)
