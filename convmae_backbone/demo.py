@@ -372,6 +372,7 @@ class DemoProgressHook(Hook):
 
     def before_train(self, runner) -> None:
         self._start = self._last = time.time()
+        say(f'  {self.name}: training started ({runner.max_iters} iterations)')
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         now, done = time.time(), runner.iter + 1 >= runner.max_iters
@@ -552,8 +553,8 @@ def finetune_demo(backbone: str, work_dir: str, num_heads: Optional[int] = None,
         (osp.join(ade, 'images', 'validation', 'ADE_validation_00000000.jpg'), 'seg_val.png')))
     files = dict(photo=photo, detection=infer_pictures(
         'mmdet', det_cfg.work_dir, [photo, det_val], osp.join(work_dir, 'detection.png'),
-        'Mask R-CNN fine-tuned on 8 synthetic images (classes: rectangle, ellipse; scores in %): a photograph | a synthetic '
-        'validation image', verbose), segmentation=infer_pictures(
+        'Mask R-CNN fine-tuned on 8 synthetic images (classes: rectangle, ellipse; scores in %): a photograph | '
+        'a synthetic validation image', verbose), segmentation=infer_pictures(
         'mmseg', seg_cfg.work_dir, [photo, seg_val], osp.join(work_dir, 'segmentation.png'),
         'UperNet fine-tuned on 8 synthetic images (wall = background, building = rectangle, sky = ellipse): '
         'a photograph | a synthetic validation image', verbose))
