@@ -72,7 +72,8 @@ def _numpy_dtype_classes() -> list:
 def safe_torch_load(path: str, map_location='cpu') -> dict:
     """``torch.load(path, weights_only=True)`` that also accepts the allow-listed classes above.
 
-    Raises :class:`CheckpointError` for a missing, truncated or unreadable file, or one that references any
+    Raises :class:`CheckpointError` naming the file and the cause for a missing, truncated or unreadable file,
+    anything that is not a PyTorch checkpoint (whatever ``torch.load`` raises), or one that references any
     other Python object.
     """
     path = os.fspath(path)
@@ -101,10 +102,9 @@ def safe_torch_load(path: str, map_location='cpu') -> dict:
     try:
         with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location=map_location, weights_only=True)
-    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, KeyError,
-            UnicodeDecodeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways (KeyError: 101 for a text file)
         raise CheckpointError(f'checkpoint file {path!r} could not be read (truncated, corrupt or not a PyTorch '
-                              f'checkpoint): {exc}') from exc
+                              f'checkpoint): {type(exc).__name__}: {exc}') from exc
 
 
 def register_safe_mmengine_loader() -> None:

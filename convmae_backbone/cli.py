@@ -9,11 +9,14 @@
 ``tools/test.py``.
 """
 import argparse
+import difflib
 import importlib
+import inspect
 import logging
 import os
 import os.path as osp
-from typing import Optional, Sequence
+import sys
+from typing import Any, Callable, List, Optional, Sequence
 
 from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
@@ -27,13 +30,39 @@ DOWNSTREAM_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 PRETRAIN_SCOPES = ('mmengine',)
 
 
+class ConfigError(ValueError):
+    """A config or a ``--cfg-options`` override that cannot work; the message names the key and the cause."""
+
+
+class CfgOptionsAction(DictAction):
+    """mmengine's ``DictAction`` that names the offending token when an option is not ``KEY=VALUE``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for kv in values:
+            key = kv.split('=', 1)[0]
+            if '=' not in kv or not key:
+                parser.error(f'{option_string}: {kv!r} is not KEY=VALUE (e.g. model.backbone.depths=[1,1,3])')
+        super().__call__(parser, namespace, values, option_string)
+
+
+def run_tool(main: Callable[[], Any]) -> Any:
+    """Run a tool's ``main``; a :class:`~convmae_backbone.checkpoint.CheckpointError` or :class:`ConfigError`
+    is printed as ``error: ...`` and exits with status 1 instead of a traceback."""
+    from .checkpoint import CheckpointError
+    try:
+        return main()
+    except (CheckpointError, ConfigError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        sys.exit(1)
+
+
 def add_common_args(parser: argparse.ArgumentParser, training: bool = True) -> argparse.ArgumentParser:
     """Add the config file and ``--work-dir``, ``--cfg-options``, ``--launcher``, ``--local-rank`` to ``parser``;
     with ``training`` also ``--amp``, ``--auto-scale-lr`` and ``--resume [CKPT]``. Returns ``parser``."""
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help='folder for logs, checkpoints and metrics '
                                            '(default: the config\'s work_dir, else work_dirs/<config name>)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of the config, key=value pairs (e.g. '
                              'model.backbone.init_cfg.checkpoint=PATH)')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
@@ -65,6 +94,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+        check_overrides(cfg, cfg_options)
     cfg.launcher = launcher
     if scopes is not None and cfg.get('default_scope') not in scopes:
         raise ValueError(f'{path}: default_scope must be one of {tuple(scopes)}, got {cfg.get("default_scope")!r}')
@@ -73,6 +103,62 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(path))[0])
     return cfg
+
+
+def _model_class(type_: Any, scope: str) -> Optional[type]:
+    """The class a model-component ``type`` names in the MODELS registry of ``scope``, or None."""
+    if isinstance(type_, type):
+        return type_
+    if not isinstance(type_, str):
+        return None
+    from mmengine.registry import DefaultScope
+    try:
+        registry = importlib.import_module(f'{scope}.registry').MODELS
+        with DefaultScope.overwrite_default_scope(scope):
+            return registry.get(type_)
+    except Exception:  # noqa: BLE001 - an unknown or unimportable type is reported by the build itself
+        return None
+
+
+def accepted_keywords(cls: type) -> Optional[List[str]]:
+    """The keyword arguments ``cls(...)`` accepts, following ``**kwargs`` into the ``__init__`` of its parents;
+    None if that chain ends in an open ``**kwargs`` (nothing to check against)."""
+    import torch.nn as nn
+    names: List[str] = []
+    for klass in cls.__mro__:
+        if klass in (object, nn.Module) or '__init__' not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.name != 'self' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return sorted(set(names))
+    return None
+
+
+def check_overrides(cfg: Config, cfg_options: dict) -> None:
+    """Raise :class:`ConfigError` for a ``--cfg-options`` key that names a keyword the model component it sets
+    does not take (e.g. ``model.backbone.depht``), listing the keywords that exist. Components are the dicts
+    whose ``type`` is in the MODELS registry of the config's ``default_scope``."""
+    scope = cfg.get('default_scope') or 'mmengine'
+    for key in cfg_options:
+        parts = key.split('.')
+        node: Any = cfg
+        for i, part in enumerate(parts[:-1]):
+            try:
+                node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+            except (KeyError, IndexError, ValueError, TypeError):
+                break
+            if not isinstance(node, dict) or 'type' not in node:
+                continue
+            cls = _model_class(node['type'], scope)
+            keywords = accepted_keywords(cls) if cls is not None else None
+            name = parts[i + 1]
+            if keywords is None or name in keywords or name in ('type', '_scope_', '_delete_'):
+                continue
+            close = difflib.get_close_matches(name, keywords, n=1)
+            hint = f' (did you mean {close[0]!r}?)' if close else ''
+            raise ConfigError(f'--cfg-options {key}: {cls.__name__} ({".".join(parts[:i + 1])}) has no keyword '
+                              f'{name!r}{hint}; its keywords: {", ".join(keywords)}')
 
 
 def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] = None) -> Config:

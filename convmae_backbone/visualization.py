@@ -4,8 +4,6 @@ One row per image: original | masked input | reconstruction | reconstruction wit
 back. With a norm-pix model the predicted patches are un-normalised with each target patch's own mean and
 variance, as in MAE.
 """
-import glob
-import os.path as osp
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,31 +25,93 @@ def stored_config(ckpt: dict) -> Optional[Config]:
     return Config.fromstring(text, '.py') if isinstance(text, str) and text else None
 
 
+#: Weights a ConvMAE pretraining checkpoint holds beyond the encoder.
+DECODER_KEYS = ('mask_token', 'decoder_embed.weight', 'decoder_pred.weight')
+NEEDS = ('give a checkpoint written by tools/pretrain.py, or an official ConvMAE pretraining checkpoint with '
+         '--config')
+
+
+def _raw_weights(ckpt) -> dict:
+    """The tensor dict of a loaded checkpoint (under 'state_dict', 'model' or 'module'), prefixes kept."""
+    if isinstance(ckpt, dict):
+        for key in ('state_dict', 'model', 'module'):
+            if isinstance(ckpt.get(key), dict):
+                return ckpt[key]
+    return ckpt if isinstance(ckpt, dict) else {}
+
+
+def describe_weights(ckpt) -> str:
+    """What a loaded checkpoint holds, in words: 'a ConvMAE pretraining model', 'a detector (...)',
+    'a ConvMAE encoder without the decoder (...)', or its top-level key prefixes."""
+    raw = {k: v for k, v in _raw_weights(ckpt).items() if isinstance(v, torch.Tensor)}
+    if not raw:
+        return 'no tensors'
+    keys = [k[len('module.'):] if k.startswith('module.') else k for k in raw]
+    tops = sorted({k.split('.')[0] for k in keys})
+    if any(k.startswith(('decode_head.', 'auxiliary_head.')) for k in keys):
+        return f'a segmentor: {", ".join(tops)}'
+    if any(k.startswith(('roi_head.', 'rpn_head.', 'bbox_head.')) for k in keys):
+        return f'a detector: {", ".join(tops)}'
+    state = extract_state_dict(ckpt)
+    has_encoder = 'pos_embed' in state and any(k.startswith('blocks3.') for k in state)
+    if has_encoder and all(k in state for k in DECODER_KEYS):
+        return 'a ConvMAE pretraining model'
+    if has_encoder:
+        return 'a ConvMAE encoder without the decoder (a backbone export or a fine-tuned backbone)'
+    if any(k.startswith('layer1.') for k in keys):
+        return f'a ResNet-like network: {", ".join(tops[:8])}'
+    return f'a model with top-level weights {", ".join(tops[:8])}{" ..." if len(tops) > 8 else ""}'
+
+
+def check_pretraining_checkpoint(ckpt_path: str, ckpt) -> None:
+    """Raise :class:`CheckpointError` naming the file, what it holds and what is needed unless the loaded
+    checkpoint ``ckpt`` holds a ConvMAE pretraining model (encoder and decoder)."""
+    kind = describe_weights(ckpt)
+    if kind != 'a ConvMAE pretraining model':
+        raise CheckpointError(f'{ckpt_path} is not a ConvMAE pretraining checkpoint (it holds {kind}); {NEEDS}')
+
+
 def find_config(ckpt_path: str, ckpt: dict, config: Optional[str] = None) -> Config:
-    """``config``, else the config text mmengine stores in the checkpoint's ``meta.cfg``, else the single .py
-    next to the checkpoint; raises :class:`CheckpointError` if there is none of them."""
+    """``config``, else the config text mmengine stores in the checkpoint's ``meta.cfg``; raises
+    :class:`CheckpointError` if there is neither. Never guessed from other files."""
     if config:
         return Config.fromfile(config)
     stored = stored_config(ckpt)
     if stored is not None:
         return stored
-    candidates = glob.glob(osp.join(osp.dirname(osp.abspath(ckpt_path)), '*.py'))
-    if len(candidates) == 1:
-        return Config.fromfile(candidates[0])
-    raise CheckpointError(f'{ckpt_path} stores no config and there is no single *.py next to it '
-                          f'({len(candidates)} found); pass --config')
+    raise CheckpointError(f'{ckpt_path} stores no config (no meta.cfg, e.g. an official pretraining checkpoint); '
+                          f'pass --config with the pretraining config of the model')
 
 
-def build_model(ckpt_path: str, config: Optional[str] = None,
-                mask_ratio: Optional[float] = None) -> ConvMAEPretrainer:
-    """The ConvMAEPretrainer of the config (:func:`find_config`), with the checkpoint's weights, in eval mode."""
-    from mmengine.registry import MODELS
-    ckpt = safe_torch_load(ckpt_path)
+def pretraining_model_config(ckpt_path: str, ckpt: dict, config: Optional[str] = None,
+                             mask_ratio: Optional[float] = None) -> Config:
+    """The model config of a loaded ConvMAE pretraining checkpoint (:func:`check_pretraining_checkpoint`,
+    :func:`find_config`), with ``mask_ratio`` if given."""
+    check_pretraining_checkpoint(ckpt_path, ckpt)
     model_cfg = find_config(ckpt_path, ckpt, config).model.copy()
     if mask_ratio is not None:
         model_cfg.mask_ratio = mask_ratio
-    model = MODELS.build(model_cfg)
-    model.load_state_dict(extract_state_dict(ckpt), strict=True)
+    return model_cfg
+
+
+def build_model(ckpt_path: str, config: Optional[str] = None,
+                mask_ratio: Optional[float] = None, weights: bool = True) -> ConvMAEPretrainer:
+    """The ConvMAEPretrainer of the checkpoint's config (:func:`pretraining_model_config`) in eval mode, with the
+    checkpoint's weights (``weights=False``: randomly initialised). Raises :class:`CheckpointError` for anything
+    but a ConvMAE pretraining checkpoint."""
+    from mmengine.registry import MODELS
+    ckpt = safe_torch_load(ckpt_path)
+    model = MODELS.build(pretraining_model_config(ckpt_path, ckpt, config, mask_ratio))
+    if not isinstance(model, ConvMAEPretrainer):
+        raise CheckpointError(f'the config of {ckpt_path} builds a {type(model).__name__}, not a '
+                              f'ConvMAEPretrainer; {NEEDS}')
+    if weights:
+        try:
+            model.load_state_dict(extract_state_dict(ckpt), strict=True)
+        except RuntimeError as exc:
+            first = ' '.join(str(exc).splitlines()[:3])[:400]
+            raise CheckpointError(f'{ckpt_path} does not fit the model of its config ({first}); pass the '
+                                  f'--config it was trained with') from exc
     return model.eval()
 
 
@@ -92,27 +152,115 @@ def reconstruct(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -
     return torch.stack([original, masked, recon8, pasted], dim=1)
 
 
-def save_grid(panels: torch.Tensor, out: str, scale: int = 1) -> Tuple[int, int]:
-    """uint8 (B, 4, 3, H, W) -> PNG with one row per image, upscaled ``scale`` times; returns its
-    (width, height)."""
+@torch.no_grad()
+def reconstruction_error(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -> float:
+    """The model's loss (e.g. norm-pix MSE over the masked patches) on images uint8 (B, 3, H, W), with the mask
+    drawn from ``seed`` as in :func:`reconstruct`: the same masks for any model of the same input size."""
+    x = model.data_preprocessor(dict(inputs=list(images)), False)['inputs']
+    loss, _, _ = model.forward_mae(x, generator=torch.Generator().manual_seed(seed))
+    return float(loss)
+
+
+#: Column labels of the figure; a fifth column shows an untrained model's reconstruction + visible blocks.
+COLUMNS = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
+UNTRAINED_COLUMN = 'untrained + visible'
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    return ImageFont.load_default(size=size)
+
+
+def label_height(panel_width: int) -> int:
+    """Height in pixels of the label band above columns ``panel_width`` pixels wide."""
+    return _font_size(panel_width) + 10
+
+
+def _font_size(panel_width: int) -> int:
+    return int(min(20, max(9, panel_width // 13)))
+
+
+def save_grid(panels: torch.Tensor, out: str, scale: int = 1, labels: Sequence[str] = COLUMNS,
+              caption: Sequence[str] = ()) -> Tuple[int, int]:
+    """uint8 (B, C, 3, H, W) -> PNG: a band of column ``labels`` (one per C), one row per image upscaled
+    ``scale`` times, then the ``caption`` lines (wrapped to the width). Returns the PNG's (width, height):
+    ``(C * W * scale, label_height(W * scale) + B * H * scale + caption band)``."""
+    import textwrap
+
+    from PIL import ImageDraw
     b, n, c, h, w = panels.shape
-    grid = panels.permute(0, 3, 1, 4, 2).reshape(b * h, n * w, c).numpy()
-    img = Image.fromarray(grid)
+    if len(labels) != n:
+        raise ValueError(f'{n} columns but {len(labels)} labels')
+    grid = Image.fromarray(panels.permute(0, 3, 1, 4, 2).reshape(b * h, n * w, c).numpy())
     if scale != 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    panel_w = w * scale
+    size = _font_size(panel_w)
+    font, top = _font(size), label_height(panel_w)
+    chars = max(20, int(grid.width / (0.55 * size)))
+    lines = [part for line in caption for part in textwrap.wrap(line, chars)]
+    bottom = (len(lines) * (size + 4) + 10) if lines else 0
+    img = Image.new('RGB', (grid.width, top + grid.height + bottom), 'white')
+    img.paste(grid, (0, top))
+    draw = ImageDraw.Draw(img)
+    for i, label in enumerate(labels):
+        draw.text((i * panel_w + panel_w / 2, top / 2), label, fill='black', font=font, anchor='mm')
+    for i, line in enumerate(lines):
+        draw.text((6, top + grid.height + 5 + i * (size + 4)), line, fill='black', font=font)
+    img.save(out)
+    return img.size
+
+
+def titled_row(images: Sequence[np.ndarray], title: str, out: str, gap: int = 8) -> Tuple[int, int]:
+    """uint8 RGB arrays (H_i, W_i, 3) -> PNG ``out``: scaled to the height of the first, side by side, under
+    ``title`` (wrapped). Returns its (width, height)."""
+    import textwrap
+
+    from PIL import ImageDraw
+    height = images[0].shape[0]
+    tiles = [Image.fromarray(a).resize((round(a.shape[1] * height / a.shape[0]), height), Image.BICUBIC)
+             for a in images]
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    size = 16
+    lines = textwrap.wrap(title, max(20, int(width / (0.55 * size))))
+    top = len(lines) * (size + 4) + 10
+    img = Image.new('RGB', (width, top + height), 'white')
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((6, 5 + i * (size + 4)), line, fill='black', font=_font(size))
+    x = 0
+    for tile in tiles:
+        img.paste(tile, (x, top))
+        x += tile.width + gap
     img.save(out)
     return img.size
 
 
 def visualize(ckpt_path: str, images: Sequence[str], out: str, config: Optional[str] = None,
               img_size: Optional[int] = None, seed: int = 0, mask_ratio: Optional[float] = None,
-              scale: int = 1) -> Tuple[int, int]:
-    """Write the reconstruction grid (:func:`reconstruct`, :func:`save_grid`) of the image files ``images`` to
-    the PNG ``out``, each resized and centre-cropped to ``img_size`` (default: the model's); returns the PNG's
-    (width, height), ``(4 * img_size * scale, len(images) * img_size * scale)``."""
+              scale: int = 1, compare_untrained: bool = False) -> Tuple[int, int, str]:
+    """Write the labelled reconstruction grid (:func:`reconstruct`, :func:`save_grid`) of the image files
+    ``images`` to the PNG ``out``, each resized and centre-cropped to ``img_size`` (default: the model's), with
+    a caption giving the reconstruction error (:func:`reconstruction_error`) of the model and, with
+    ``compare_untrained``, that of the same architecture randomly initialised (seed 0) on the same masks, whose
+    reconstruction + visible blocks become a fifth column. Returns the PNG's (width, height) and the caption."""
     model = build_model(ckpt_path, config, mask_ratio)
     size = img_size or model.pos_grid[0] * model.patch_size
     if size % model.patch_size:
         raise ValueError(f'img_size must be a multiple of {model.patch_size}, got {size}')
     batch = torch.stack([load_square(p, size) for p in images])
-    return save_grid(reconstruct(model, batch, seed), out, scale)
+    panels, labels = reconstruct(model, batch, seed), COLUMNS
+    grid = size // model.patch_size
+    loss_name = f'{"norm-pix " if model.norm_pix_loss else ""}{model.loss_type.upper()}'
+    error = reconstruction_error(model, batch, seed)
+    caption = f'{loss_name} over the masked patches: trained {error:.3f}'
+    if compare_untrained:
+        torch.manual_seed(0)
+        untrained = build_model(ckpt_path, config, mask_ratio, weights=False)
+        caption += f', untrained (random init, same masks) {reconstruction_error(untrained, batch, seed):.3f}'
+        panels = torch.cat([panels, reconstruct(untrained, batch, seed)[:, 3:]], dim=1)
+        labels = COLUMNS + (UNTRAINED_COLUMN,)
+    caption += (f'. {size}x{size} px inputs, {grid}x{grid} patches of {model.patch_size} px, '
+                f'{model.mask_ratio:.0%} masked (grey).')
+    width, height = save_grid(panels, out, scale, labels, [caption])
+    return width, height, caption

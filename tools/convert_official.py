@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from convmae_backbone.checkpoint import CheckpointError  # noqa: E402
+from convmae_backbone.cli import run_tool  # noqa: E402
 from convmae_backbone.convert import KINDS, convert  # noqa: E402
 
 
@@ -24,14 +24,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument('src', help='the official checkpoint')
     parser.add_argument('dst', help='output .pth for tools/test.py')
     args = parser.parse_args(argv)
-    try:
-        report = convert(args.kind, args.src, args.dst)
-    except CheckpointError as exc:
-        parser.exit(1, f'error: {exc}\n')
+    report = convert(args.kind, args.src, args.dst)
     n = len(report['dropped'])
     dropped = f', dropped {n} keys the target model rebuilds (see convmae_backbone.convert)' if n else ''
     print(f'wrote {report["converted"]} tensors to {args.dst}{dropped}')
 
 
 if __name__ == '__main__':
-    main()
+    run_tool(main)

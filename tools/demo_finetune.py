@@ -4,8 +4,9 @@
 
 Writes a tiny COCO-layout instance-segmentation dataset and a tiny ADE20K-layout semantic-segmentation
 dataset, derives small Mask R-CNN and UperNet configs from the two full configs in configs/, trains each for a
-few iterations from the backbone weights with mmdet's / mmseg's own train tools, evaluates, and prints
-bbox/segm mAP and mIoU (:func:`convmae_backbone.demo.finetune_demo`). The backbone architecture is read from
+few iterations from the backbone weights with mmdet's / mmseg's own train tools, evaluates, runs both on a
+scikit-image photograph through DetInferencer / MMSegInferencer (WORK_DIR/detection.png, segmentation.png),
+and prints bbox/segm mAP and mIoU (:func:`convmae_backbone.demo.finetune_demo`). The backbone architecture is read from
 the checkpoint's shapes; the number of heads from ``--num-heads``, else from the config the checkpoint
 records, else from the configs/pretrain/ config with the same architecture.
 """
@@ -14,6 +15,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
+from convmae_backbone.cli import run_tool  # noqa: E402
 from convmae_backbone.demo import finetune_demo  # noqa: E402
 
 if __name__ == '__main__':
@@ -26,6 +28,9 @@ if __name__ == '__main__':
     parser.add_argument('--det-lr', type=float, default=1e-3, help='AdamW lr of the detector')
     parser.add_argument('--seg-lr', type=float, default=2e-4, help='AdamW lr of the segmentor heads')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--verbose', action='store_true', help="the train tools' full logs")
+    parser.add_argument('--no-summary', action='store_true', help='only write WORK_DIR/results.json (tools/demo.py '
+                                                                  'prints the summary)')
     args = parser.parse_args()
-    finetune_demo(args.backbone, args.work_dir, args.num_heads, args.det_epochs, args.seg_iters, args.det_lr,
-                  args.seg_lr, args.seed)
+    run_tool(lambda: finetune_demo(args.backbone, args.work_dir, args.num_heads, args.det_epochs, args.seg_iters,
+                                   args.det_lr, args.seg_lr, args.seed, args.verbose, not args.no_summary))

@@ -11,9 +11,11 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
+from convmae_backbone.cli import run_tool  # noqa: E402
 from convmae_backbone.export import export_backbone  # noqa: E402
 
-if __name__ == '__main__':
+
+def main() -> None:
     parser = argparse.ArgumentParser(description='export ConvMAE backbone weights')
     parser.add_argument('checkpoint', help='pretraining checkpoint (mmengine or official format)')
     parser.add_argument('out', help='output .pth file')
@@ -23,3 +25,7 @@ if __name__ == '__main__':
     state = export_backbone(args.checkpoint, args.out, args.official)
     kind = 'full model, official format' if args.official else 'backbone only'
     print(f'wrote {len(state)} tensors ({kind}) to {args.out}')
+
+
+if __name__ == '__main__':
+    run_tool(main)

@@ -15,4 +15,4 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 from convmae_backbone import cli  # noqa: E402
 
 if __name__ == '__main__':
-    cli.train()
+    cli.run_tool(cli.train)

@@ -1,12 +1,12 @@
 # A small ConvMAE pretrained for a few minutes on CPU on views of the photographs shipped with scikit-image
 # (written by tools/demo.py, or convmae_backbone.demo.write_demo_images). Same recipe as the base config,
-# scaled down: 64x64 inputs (4x4 tokens, 4 visible), tiny dims, higher lr, 12 epochs of 17 iterations.
-# The k-NN monitor asks "which photograph is this crop from?": the train/ views are its memory bank, the val/
-# views its queries; knn/top1 is logged before training and every 2 epochs.
+# scaled down: 128x128 inputs (8x8 patches of 16 px, 16 visible), tiny dims, higher lr, 12 epochs of 17
+# iterations. The k-NN monitor asks "which photograph is this crop from?": the train/ views are its memory
+# bank, the val/ views its queries; knn/top1 is logged before training and every 2 epochs.
 _base_ = ['./convmae-b_8xb128-1600e_in1k.py']
 
 data_root = 'demo_output/images/'
-img_size = 64
+img_size = 128
 
 model = dict(
     img_size=img_size,

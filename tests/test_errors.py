@@ -1,0 +1,136 @@
+"""Bad input gets an error naming the cause: checkpoints that are not checkpoints, checkpoints of the wrong kind,
+unknown config keywords and malformed ``--cfg-options``; the tools print ``error: ...`` and exit 1."""
+import subprocess
+import sys
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from helpers import ROOT, TINY_ARCH
+from mmengine.registry import MODELS
+from PIL import Image
+
+from convmae_backbone import cli, visualization
+from convmae_backbone.checkpoint import CheckpointError, safe_torch_load
+from convmae_backbone.export import encoder_state_dict, export_backbone
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / 'tools' / name), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+
+
+def tiny_pretrainer():
+    return MODELS.build(dict(type='ConvMAEPretrainer', img_size=32, **TINY_ARCH))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / 'notes.txt'
+    path.write_text('these are notes, not weights\n')
+    return path
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / 'img.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_safe_torch_load_turns_any_failure_into_checkpoint_error(text_file, tmp_path):
+    # torch.load alone raises IndexError (KeyError: 101 for other texts)
+    with pytest.raises(CheckpointError, match=r"notes\.txt' could not be read .*not a PyTorch checkpoint"):
+        safe_torch_load(text_file)
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(CheckpointError, match=r'empty\.pth'):
+        safe_torch_load(tmp_path / 'empty.pth')
+    with pytest.raises(CheckpointError, match='does not exist'):
+        safe_torch_load(tmp_path / 'missing.pth')
+
+
+@pytest.mark.parametrize('tool', ['export_backbone.py', 'visualize_reconstruction.py'])
+def test_tools_report_a_text_file_given_as_checkpoint(tool, text_file, image, tmp_path):
+    args = [str(text_file), str(tmp_path / 'out.pth')] if tool == 'export_backbone.py' else \
+        [str(text_file), str(image), '--out', str(tmp_path / 'out.png')]
+    proc = run_tool(tool, *args)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: checkpoint file') and str(text_file) in last and 'not a PyTorch checkpoint' in last
+    assert not (tmp_path / 'out.pth').exists() and not (tmp_path / 'out.png').exists()
+
+
+def test_visualiser_names_a_detector_checkpoint(tmp_path, image):
+    state = {f'backbone.{k}': v for k, v in encoder_state_dict(tiny_pretrainer().state_dict()).items()}
+    state.update({'neck.lateral_convs.0.conv.weight': torch.zeros(1), 'rpn_head.rpn_conv.weight': torch.zeros(1),
+                  'roi_head.bbox_head.fc_cls.weight': torch.zeros(1)})
+    torch.save({'state_dict': state, 'meta': {}}, tmp_path / 'mask_rcnn.pth')
+    with pytest.raises(CheckpointError, match=r'mask_rcnn\.pth is not a ConvMAE pretraining checkpoint \(it holds '
+                                              r'a detector: backbone, neck, roi_head, rpn_head\); give a checkpoint '
+                                              r'written by tools/pretrain\.py'):
+        visualization.visualize(str(tmp_path / 'mask_rcnn.pth'), [str(image)], str(tmp_path / 'o.png'))
+
+
+def test_visualiser_names_a_resnet_and_a_segmentor(tmp_path, image):
+    resnet = OrderedDict([('conv1.weight', torch.zeros(64, 3, 7, 7)), ('bn1.weight', torch.zeros(64)),
+                          ('layer1.0.conv1.weight', torch.zeros(64, 64, 1, 1)), ('fc.weight', torch.zeros(10, 64))])
+    torch.save(resnet, tmp_path / 'resnet50.pth')
+    with pytest.raises(CheckpointError, match=r'resnet50\.pth is not a ConvMAE pretraining checkpoint \(it holds '
+                                              r'a ResNet-like network: bn1, conv1, fc, layer1\)'):
+        visualization.visualize(str(tmp_path / 'resnet50.pth'), [str(image)], str(tmp_path / 'o.png'))
+    torch.save({'state_dict': {'backbone.pos_embed': torch.zeros(1), 'decode_head.conv_seg.weight': torch.zeros(1)}},
+               tmp_path / 'upernet.pth')
+    with pytest.raises(CheckpointError, match=r'holds a segmentor: backbone, decode_head'):
+        visualization.visualize(str(tmp_path / 'upernet.pth'), [str(image)], str(tmp_path / 'o.png'))
+
+
+def test_visualiser_names_a_backbone_export(tmp_path, image):
+    ckpt = tmp_path / 'full.pth'
+    torch.save({'state_dict': tiny_pretrainer().state_dict()}, ckpt)
+    export_backbone(str(ckpt), str(tmp_path / 'backbone.pth'))
+    with pytest.raises(CheckpointError, match=r'backbone\.pth is not a ConvMAE pretraining checkpoint \(it holds a '
+                                              r'ConvMAE encoder without the decoder'):
+        visualization.visualize(str(tmp_path / 'backbone.pth'), [str(image)], str(tmp_path / 'o.png'))
+
+
+@pytest.mark.parametrize('config, key, listed', [
+    ('configs/pretrain/convmae-tiny_demo.py', 'model.embed_dimz', "ConvMAEPretrainer (model) has no keyword "
+                                                                  "'embed_dimz' (did you mean 'embed_dims'?)"),
+    ('configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py', 'model.backbone.depht',
+     "ConvMAE (model.backbone) has no keyword 'depht' (did you mean 'depths'?)"),
+    ('configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py', 'model.decode_head.chanels',
+     "UPerHead (model.decode_head) has no keyword 'chanels' (did you mean 'channels'?)"),
+])
+def test_unknown_model_keyword_is_named_with_the_existing_ones(config, key, listed):
+    with pytest.raises(cli.ConfigError) as info:
+        cli.load_config(str(ROOT / config), {key: 3})
+    message = str(info.value)
+    assert message.startswith(f'--cfg-options {key}: {listed}; its keywords: ')
+    assert 'depths' in message.split('its keywords: ')[1] or 'channels' in message
+
+
+def test_known_keywords_pass_including_nested_non_model_dicts():
+    cfg = cli.load_config(str(ROOT / 'configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py'),
+                          {'model.backbone.depths': [1, 1, 3], 'model.backbone.init_cfg.checkpoint': 'x.pth',
+                           'model.roi_head.bbox_head.num_classes': 3, 'model.train_cfg.rcnn.sampler.num': 64})
+    assert cfg.model.backbone.depths == [1, 1, 3] and cfg.model.roi_head.bbox_head.num_classes == 3
+
+
+def test_cfg_options_without_equals_names_the_token(capsys):
+    parser = cli.add_common_args(__import__('argparse').ArgumentParser(prog='pretrain.py'))
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(parser, ['cfg.py', '--cfg-options', 'train_cfg.max_epochs=2', 'model.depth3'])
+    assert info.value.code == 2
+    assert "--cfg-options: 'model.depth3' is not KEY=VALUE" in capsys.readouterr().err
+
+
+def test_pretrain_tool_reports_an_unknown_keyword_before_building_the_runner(tmp_path):
+    proc = run_tool('pretrain.py', str(ROOT / 'configs/pretrain/convmae-tiny_demo.py'), '--work-dir',
+                    str(tmp_path / 'w'), '--cfg-options', 'model.depht=3')
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --cfg-options model.depht: ConvMAEPretrainer (model) has no keyword 'depht' (did you mean "
+        "'depths'?); its keywords: ")
+    assert 'Traceback' not in proc.stderr and not (tmp_path / 'w').exists()  # nothing built, no log dumped
