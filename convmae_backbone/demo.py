@@ -621,7 +621,24 @@ def pretrain_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, v
     backbone = osp.join(out_dir, 'convmae_demo_backbone.pth')
     export_backbone(ckpt, backbone)
     say(f'reconstruction figure written; {caption}')
-    return dict(losses=losses, caption=caption, files=dict(checkpoint=ckpt, reconstruction=png, backbone=backbone))
+    files = dict(checkpoint=ckpt, reconstruction=png, backbone=backbone)
+    knn = knn_summary(runner, out_dir, files)
+    if knn:
+        say(knn)
+    return dict(losses=losses, caption=caption, knn=knn, files=files)
+
+
+def knn_summary(runner, out_dir: str, files: dict) -> Optional[str]:
+    """The k-NN monitor's top-1 before and after pretraining (which photograph is a crop from), and its curve
+    drawn to ``out_dir/knn_curve.png`` (added to ``files``); None when the run logged no k-NN."""
+    from .knn import plot_knn_curve, read_knn_curve
+    scalars = osp.join(runner.log_dir, 'vis_data', 'scalars.json')
+    epochs, top1 = read_knn_curve(scalars) if osp.isfile(scalars) else ([], [])
+    if not epochs:
+        return None
+    files['knn_curve'] = plot_knn_curve(scalars, osp.join(out_dir, 'knn_curve.png'))
+    return (f'k-NN top-1 (which photograph is a val crop from, {len(DEMO_PHOTOS)} photographs): '
+            f'{top1[0]:.1f}% before pretraining (random weights), {top1[-1]:.1f}% after {epochs[-1]} epochs')
 
 
 def run_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, finetune_script: Optional[str] = None,
@@ -652,6 +669,7 @@ def run_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, finetu
     say('summary\n' + '\n'.join([
         f'  pretraining: {len(losses)} iterations, loss {losses[0]:.3f} (first) -> {losses[-1]:.3f} (last)',
         f'  {pre["caption"]}',
+        *([f'  {pre["knn"]}'] if pre['knn'] else []),
         *(f'  {key + ":":15s} {path}' for key, path in pre['files'].items()),
         *lines]))
     return rc

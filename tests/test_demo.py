@@ -46,9 +46,12 @@ def test_demo_end_to_end_small(tmp_path, capfd, monkeypatch):
     assert sum(line.endswith('] summary') for line in log) == 1
     summary = log[[i for i, line in enumerate(log) if line.endswith('] summary')][0]:]
     backbone, finetune_dir = str(out / 'convmae_demo_backbone.pth'), str(out / 'finetune')
-    for path in (out / 'reconstruction.png', backbone, osp.join(finetune_dir, 'detection.png'),
-                 osp.join(finetune_dir, 'seg.png')):
+    for path in (out / 'reconstruction.png', out / 'knn_curve.png', backbone,
+                 osp.join(finetune_dir, 'detection.png'), osp.join(finetune_dir, 'seg.png')):
         assert any(line.endswith(str(path)) for line in summary), (path, summary)
+    knn = [line for line in summary if 'k-NN top-1' in line]
+    assert len(knn) == 1 and re.search(r'[0-9.]+% before pretraining \(random weights\), [0-9.]+% after 2 epochs',
+                                       knn[0]), knn
     assert any('bbox mAP 0.500' in line for line in summary) and any('mIoU 40.00' in line for line in summary)
     # 42 views, batch 32, drop_last: 1 iteration per epoch
     assert any('pretraining: iteration 2/2 (epoch 2/2), loss ' in line and line.endswith(' s') for line in log)
