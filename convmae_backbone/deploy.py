@@ -90,6 +90,9 @@ def export_onnx(model: ConvMAE, path: Union[str, Path], batch: int = 1,
                                     opset_version=opset_version, external_data=False)
     program.save(str(path))
     proto = onnx.load(str(path))
+    # Keep only the graph's input and output shapes: onnxruntime infers the rest. The exporter's intermediate
+    # annotations misled its buffer planning for the table variants ('Shape mismatch attempting to re-use buffer').
+    del proto.graph.value_info[:]
     meta = dict(multiple=model.patch_size, least=_least_size(model), max_size=max_size,
                 strides=list(model.out_strides), batch=batch)
     proto.metadata_props.add(key=ONNX_META_KEY, value=json.dumps(meta))

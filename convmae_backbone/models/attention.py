@@ -49,8 +49,9 @@ def relative_position_index(hw: Tuple[int, int], row_start: int = 0, rows: Optio
     (dy, dx) = query position - key position, tokens in raster order."""
     h, w = hw
     rows = h - row_start if rows is None else rows
-    ys = torch.arange(h, device=device).repeat_interleave(w)
-    xs = torch.arange(w, device=device).repeat(h)
+    # broadcast and flatten (not repeat_interleave/repeat, which ONNX export mis-expands for symbolic h, w)
+    ys = torch.arange(h, device=device)[:, None].expand(h, w).reshape(-1)
+    xs = torch.arange(w, device=device)[None, :].expand(h, w).reshape(-1)
     q = slice(row_start * w, (row_start + rows) * w)
     return (ys[q, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[q, None] - xs[None, :] + w - 1)
 
