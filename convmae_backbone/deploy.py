@@ -5,7 +5,7 @@ An exported program (and its ONNX file) takes images whose height and width are 
 any size the eager model accepts: it zero-pads the image to the next multiple of 16 and crops the maps back, as
 the eager forward does itself, so its outputs equal the eager ones. Sizes outside the constraint raise
 :class:`ExportSizeError` in this module's runners (``OnnxBackbone(pad=False)``, and beyond ``max_size``); the raw
-programs fail loudly on them (a torch.export guard error, an onnxruntime Reshape error), never with a wrong shape.
+programs fail loudly on them (a reshape error in torch and in onnxruntime), never with a wrong shape.
 
 The batch size is fixed at export (the example batch); height and width are symbolic.
 """
