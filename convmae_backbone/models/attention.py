@@ -13,10 +13,15 @@ Relative position bias comes in two forms, both added to the attention logits th
 A table built for a (h, w) grid serves any other grid: it is resized bicubically over its (2h-1, 2w-1) offsets
 (:func:`resize_relative_position_table`) at load time (:mod:`.weights`) and, for inputs of another size, at
 every forward.
+
+Under ``torch.export`` (symbolic height and width) the size-dependent shortcuts are not taken: tables are always
+resized (a resize to the same size is the identity), windows are always padded with a key-padding mask, and the
+attention is never chunked; under ``torch.compile`` no shared bias buffer is reused. The results are the same.
 """
 from typing import Optional, Tuple
 
 import torch
+from torch.compiler import is_compiling, is_exporting
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import Tensor, nn
@@ -31,7 +36,7 @@ def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
     A table learnt for another size is resized linearly first (as for windows of another size).
     """
     length = 2 * size - 1
-    if rel_pos.shape[0] != length:
+    if is_exporting() or rel_pos.shape[0] != length:
         rel_pos = F.interpolate(rel_pos.t().unsqueeze(0), size=length, mode='linear').squeeze(0).t()
     coords = torch.arange(size, device=rel_pos.device)
     return rel_pos[coords[:, None] - coords[None, :] + size - 1]
@@ -44,8 +49,9 @@ def relative_position_index(hw: Tuple[int, int], row_start: int = 0, rows: Optio
     (dy, dx) = query position - key position, tokens in raster order."""
     h, w = hw
     rows = h - row_start if rows is None else rows
-    ys = torch.arange(h, device=device).repeat_interleave(w)
-    xs = torch.arange(w, device=device).repeat(h)
+    # broadcast and flatten (not repeat_interleave/repeat, which ONNX export mis-expands for symbolic h, w)
+    ys = torch.arange(h, device=device)[:, None].expand(h, w).reshape(-1)
+    xs = torch.arange(w, device=device)[None, :].expand(h, w).reshape(-1)
     q = slice(row_start * w, (row_start + rows) * w)
     return (ys[q, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[q, None] - xs[None, :] + w - 1)
 
@@ -55,7 +61,7 @@ def resize_relative_position_table(table: Tensor, src: Tuple[int, int], dst: Tup
     ``dst`` grid: bicubic interpolation (align_corners=False) over the 2-D offsets, one channel per head, as the
     official segmentation code (``mmcv_custom/checkpoint.py``) resizes tables at load time."""
     src, dst = tuple(src), tuple(dst)
-    if src == dst:
+    if not is_exporting() and src == dst:
         return table
     heads = table.shape[1]
     grid = table.t().reshape(1, heads, 2 * src[0] - 1, 2 * src[1] - 1)
@@ -77,7 +83,7 @@ def table_bias(module: nn.Module, hw: Tuple[int, int], row_start: int = 0, rows:
     h, w = hw
     rows = h - row_start if rows is None else rows
     table = module.relative_position_bias_table
-    if tuple(hw) == module.table_size:
+    if not is_exporting() and tuple(hw) == module.table_size:
         index = module.relative_position_index[row_start * w:(row_start + rows) * w]
     else:
         table = resize_relative_position_table(table, module.table_size, hw)
@@ -199,23 +205,28 @@ class Attention(nn.Module):
         if key_padding is not None:
             pad = torch.zeros(key_padding.shape, dtype=q.dtype, device=q.device)
             pad = pad.masked_fill(key_padding, float('-inf'))[:, None, None, :]  # (B, 1, 1, N)
-        x = self.attend(q, k, v, hw, pad, shared)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+        x = self.attend(q, k, v, hw, pad, shared).transpose(1, 2)
+        if is_exporting():  # an explicit copy: ONNX decomposition would otherwise take this reshape for a view
+            x = x.clone(memory_format=torch.contiguous_format)
+        return self.proj(x.reshape(b, n, c))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, hw: Optional[Tuple[int, int]], pad: Optional[Tensor],
                shared: Optional[RelativePositionBias] = None) -> Tensor:
         """softmax(q k^T * scale + mask) v for (B, heads, N, d) q, k, v, by SDPA; query chunks of whole grid rows
-        when the mask would be large.
+        when the mask would be large (never under ``torch.export``: the chunk count would depend on the symbolic
+        input size).
 
-        Without autograd all chunks write their decomposed bias into one buffer: a fresh large allocation per
-        chunk costs more in page faults than computing the mask.
+        Without autograd (and not compiling: the compiler plans its own buffers and cannot view the shared one)
+        all chunks write their decomposed bias into one buffer: a fresh large allocation per chunk costs more in
+        page faults than computing the mask.
         """
         b, nh, n, _ = q.shape
-        if not (self.use_rel_pos or shared is not None) or b * nh * n * n <= self.max_bias_numel:
+        if (not (self.use_rel_pos or shared is not None) or is_exporting()
+                or b * nh * n * n <= self.max_bias_numel):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask(q, hw, pad, shared=shared))
         w = hw[1]
         rows = max(1, self.max_bias_numel // (b * nh * w * n))
-        reuse = self.rel_pos == 'decomposed' and not torch.is_grad_enabled()
+        reuse = self.rel_pos == 'decomposed' and not torch.is_grad_enabled() and not is_compiling()
         buf = q.new_empty(b * nh * rows * w * n) if reuse else None
         outs = []
         for r in range(0, hw[0], rows):
@@ -227,31 +238,35 @@ class Attention(nn.Module):
 
 
 def window_partition(x: Tensor, window: int) -> Tuple[Tensor, Optional[Tensor], Tuple[int, int]]:
-    """(B, H, W, C) -> windows (B*nW, window*window, C), key padding (B*nW, window*window), padded (Hp, Wp)."""
+    """(B, H, W, C) -> windows (B*nW, window*window, C), key padding (B*nW, window*window) (None without padding,
+    always a mask under ``torch.export``), padded (Hp, Wp).
+
+    Shapes are written as window counts times ``window`` (never ``(-h) % window``), so that they stay provable
+    for a symbolic H and W."""
     b, h, w, c = x.shape
-    pad_h, pad_w = (-h) % window, (-w) % window
+    n_h, n_w = (h + window - 1) // window, (w + window - 1) // window
+    hp, wp = n_h * window, n_w * window
     valid = torch.ones(1, h, w, 1, dtype=torch.bool, device=x.device)
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        valid = F.pad(valid, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h + pad_h, w + pad_w
+    padded = is_exporting() or hp != h or wp != w
+    if padded:
+        x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+        valid = F.pad(valid, (0, 0, 0, wp - w, 0, hp - h))
 
     def split(t: Tensor) -> Tensor:
-        t = t.reshape(t.shape[0], hp // window, window, wp // window, window, t.shape[-1])
-        return t.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, t.shape[-1])
+        t = t.reshape(t.shape[0], n_h, window, n_w, window, t.shape[-1])
+        return t.permute(0, 1, 3, 2, 4, 5).reshape(t.shape[0] * n_h * n_w, window * window, t.shape[-1])
 
-    padding = None
-    if pad_h or pad_w:
-        padding = ~split(valid).squeeze(-1).repeat(b, 1)
+    padding = ~split(valid).squeeze(-1).repeat(b, 1) if padded else None
     return split(x), padding, (hp, wp)
 
 
 def window_unpartition(windows: Tensor, window: int, padded_hw: Tuple[int, int], hw: Tuple[int, int]) -> Tensor:
     """Inverse of :func:`window_partition`: (B*nW, window*window, C) -> (B, H, W, C)."""
-    hp, wp = padded_hw
+    n_h, n_w = padded_hw[0] // window, padded_hw[1] // window
     c = windows.shape[-1]
-    x = windows.reshape(-1, hp // window, wp // window, window, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, hp, wp, c)[:, :hw[0], :hw[1]]
+    b = windows.shape[0] // (n_h * n_w)
+    x = windows.reshape(b, n_h, n_w, window, window, c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, n_h * window, n_w * window, c)[:, :hw[0], :hw[1]]
 
 
 class TransformerBlock(nn.Module):
@@ -288,7 +303,10 @@ class TransformerBlock(nn.Module):
         b, _, c = x.shape
         windows, padding, padded_hw = window_partition(x.reshape(b, hw[0], hw[1], c), self.window_size)
         windows = self.attn(windows, (self.window_size, self.window_size), padding, shared)
-        return window_unpartition(windows, self.window_size, padded_hw, hw).reshape(b, -1, c)
+        x = window_unpartition(windows, self.window_size, padded_hw, hw)
+        if is_exporting():  # a copy whatever the padding, so that no stride guard depends on H and W
+            x = x.clone(memory_format=torch.contiguous_format)
+        return x.reshape(b, -1, c)
 
     def forward(self, x: Tensor, hw: Optional[Tuple[int, int]] = None,
                 shared: Optional[RelativePositionBias] = None) -> Tensor:

@@ -128,5 +128,18 @@ class ConvMAE(ConvViT):
         if 3 in self.out_indices:
             maps.append(self.fpn(maps[2]) if self.h32 == 'fpn'
                         else F.max_pool2d(maps[2], kernel_size=2, stride=2, ceil_mode=True))
+        return crop_maps(tuple(maps[i] for i in self.out_indices), self.out_strides, (h, w))
+
+    @property
+    def out_strides(self) -> Tuple[int, ...]:
+        """Pixels per position of each returned map (``out_indices`` order; 32 for the H/32 map)."""
         strides = (*self.strides, 2 * self.patch_size)
-        return tuple(maps[i][:, :, :-(-h // strides[i]), :-(-w // strides[i])] for i in self.out_indices)
+        return tuple(strides[i] for i in self.out_indices)
+
+
+def crop_maps(maps: Sequence[Tensor], strides: Sequence[int], hw: Tuple[int, int]) -> Tuple[Tensor, ...]:
+    """Crop NCHW maps computed on a zero-padded image to what an (h, w) image covers: ceil(h/s) x ceil(w/s) at
+    stride s (no-op for a map already that small, e.g. the ``fpn`` H/32 map). Ceil is ``(h + s - 1) // s``: the
+    ``-(-h // s)`` idiom exports to ONNX as a truncating division, which floors."""
+    h, w = hw
+    return tuple(m[:, :, :(h + s - 1) // s, :(w + s - 1) // s] for m, s in zip(maps, strides))

@@ -45,7 +45,8 @@ class ConvBlock(nn.Module):
 
     x: (B, H, W, C) or (B, Lv, S, S, C), channels last. With a :class:`BlockMask`, masked positions are zeroed
     right before the depthwise conv (masked convolution), so visible positions never see masked content. In
-    eval mode without autograd the MLP runs in slabs along dim 1 to bound peak memory on large inputs.
+    eval mode without autograd the MLP runs in slabs along dim 1 to bound peak memory on large inputs (not when
+    compiled: the compiler fuses and plans memory itself, and the slab count would depend on the input size).
     """
 
     mlp_slab_numel = 1 << 23  # hidden elements per slab in :meth:`_mlp_inference` (32 MiB float32)
@@ -63,7 +64,7 @@ class ConvBlock(nn.Module):
     def forward(self, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:
         y = masked_depthwise_conv(self.attn, conv_as_linear(self.conv1, self.norm1(x)), mask)
         x = x + self.drop_path(conv_as_linear(self.conv2, y))
-        if torch.is_grad_enabled() or self.training:
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return self._mlp_inference(x)
 

@@ -247,6 +247,13 @@ class ConvViT(BaseModule):
         return p[0], p[0] * p[1], self.patch_size
 
     def pad_to_patch(self, x: Tensor) -> Tensor:
-        """Zero-pad (B, C, H, W) at the bottom/right to multiples of ``patch_size``."""
-        pad_h, pad_w = (-x.shape[2]) % self.patch_size, (-x.shape[3]) % self.patch_size
-        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+        """Zero-pad (B, C, H, W) at the bottom/right to multiples of ``patch_size``.
+
+        The padded size is written as ``ceil(H / p) * p`` (not ``H + (-H) % p``), so that for a symbolic H
+        (``torch.export``) it is provably a multiple of every stride; when exporting the pad is always applied."""
+        p = self.patch_size
+        h, w = x.shape[2], x.shape[3]
+        hp, wp = (h + p - 1) // p * p, (w + p - 1) // p * p
+        if torch.compiler.is_exporting() or hp != h or wp != w:
+            return F.pad(x, (0, wp - w, 0, hp - h))
+        return x

@@ -37,7 +37,7 @@ def _sincos_cached(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
 def resize_pos_embed(pos_embed: Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Tensor:
     """Bicubic (align_corners=False, no antialiasing, as the official code) resize of a (1, src_h*src_w, C)
     position embedding to (1, dst_h*dst_w, C)."""
-    if tuple(src_hw) == tuple(dst_hw):
+    if not torch.compiler.is_exporting() and tuple(src_hw) == tuple(dst_hw):  # no size guard when exporting
         return pos_embed
     return resample_abs_pos_embed(pos_embed, list(dst_hw), list(src_hw), num_prefix_tokens=0,
                                   interpolation='bicubic', antialias=False)
