@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 from PIL import Image
 
 import convmae_backbone  # noqa: F401
@@ -27,6 +28,12 @@ LIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain', 'convmae-b_linear-8xb2048-9
 FIXTURE = Path(__file__).parent / 'fixtures' / 'official_downstream_small.pt'
 TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=4)
 NUM_CLASSES = 5
+
+
+def build_classifier(model_cfg):
+    """mmpretrain's model of a config, in mmpretrain's scope (whatever scope an earlier Runner left current)."""
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(model_cfg)
 
 
 def shrink(cfg: Config, embed_dims, depths, num_heads, num_classes: int, img_size: int) -> Config:
@@ -48,7 +55,7 @@ def test_finetune_config_matches_official_logits_and_grads(official_cls, tmp_pat
     cfg = shrink(Config.fromfile(FT_CONFIG), c['embed_dims'], c['depths'], c['num_heads'], c['num_classes'],
                  c['img_size'])
     cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
+    model = build_classifier(cfg.model)
     # the official checkpoint format, converted by tools/convert_official.py's logic, loads with strict keys
     official, path = str(tmp_path / 'official_finetuned.pth'), str(tmp_path / 'converted.pth')
     torch.save({'model': official_cls['state_dict']}, official)
@@ -132,7 +139,7 @@ def test_finetune_optimizer_groups_follow_official_layer_ids():
     from mmengine.optim import build_optim_wrapper
     cfg = shrink(Config.fromfile(FT_CONFIG), **TINY, num_classes=NUM_CLASSES, img_size=32)
     cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
+    model = build_classifier(cfg.model)
     cfg.optim_wrapper.type = 'OptimWrapper'  # AMP needs a GPU; the groups are the same
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     assert isinstance(wrapper, OPTIM_WRAPPERS.get('OptimWrapper'))
@@ -192,7 +199,7 @@ def test_full_size_configs_build_convmae_base_classifiers():
     for path in (FT_CONFIG, LIN_CONFIG):
         cfg = Config.fromfile(path)
         cfg.model.backbone.init_cfg = None
-        model = MODELS.build(cfg.model).eval()
+        model = build_classifier(cfg.model).eval()
         with torch.no_grad():
             assert model(torch.zeros(1, 3, 224, 224), mode='tensor').shape == (1, 1000)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -206,7 +213,7 @@ def test_linear_probe_model_trains_only_the_head():
     cfg = shrink(Config.fromfile(LIN_CONFIG), **TINY, num_classes=NUM_CLASSES, img_size=32)
     cfg.model.neck.input_features = TINY['embed_dims'][2]
     cfg.model.backbone.init_cfg = None
-    model = MODELS.build(cfg.model)
+    model = build_classifier(cfg.model)
     model.init_weights()
     model.train()
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)

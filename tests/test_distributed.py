@@ -96,14 +96,10 @@ def test_sync_bn_on_cpu_equals_batch_norm_of_the_global_batch(tmp_path):
 def test_segmentation_finetune_with_sync_bn_two_processes_match_one(tmp_path):
     """mmseg UperNet with SyncBN heads through tools/train.py and tools/dist_train.sh (gloo): 2 epochs of 8
     images, 2 processes x 2 images per iteration = 1 process x 4, weights and BN statistics."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('demo_finetune', ROOT / 'tools' / 'demo_finetune.py')
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    from convmae_backbone import demo
     data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=8, num_val=1, size=(64, 80))
     backbone = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
-    cfg = demo.tiny_seg_config(data, str(tmp_path / 'unused'), backbone, checkpoint=None, crop=64, max_iters=4,
-                               warmup_iters=2, batch_size=2)
+    cfg = demo.tiny_seg_config(data, str(tmp_path / 'unused'), backbone, checkpoint=None, max_iters=4)  # batch 2
     sync_bn = dict(type='SyncBN', requires_grad=True)
     for head in (cfg.model.decode_head, cfg.model.auxiliary_head):
         head.update(norm_cfg=sync_bn, dropout_ratio=0.0)  # BN statistics over the global batch; no dropout

@@ -211,15 +211,17 @@ def test_hook_in_tiny_demo_pretraining_logs_knn_and_draws_curve(tmp_path):
 def test_hook_on_a_classifier_uses_its_backbone_and_rgb_normalisation(tmp_path):
     """An mmpretrain classifier (ConvMAE at .backbone, a BGR->RGB data preprocessor) gives the same k-NN
     features as the pretrainer holding the same encoder weights: images go in RGB with the model's mean/std."""
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
     root = _write_folder(str(tmp_path / 'data'), per_class=(2, 1))
     pretrainer = _tiny_pretrainer().eval()
-    classifier = MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='ConvMAE', img_size=32, embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=4,
-                      out_type='avg_featmap'),
-        head=dict(type='LinearClsHead', num_classes=3, in_channels=48),
-        data_preprocessor=dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        classifier = MODELS.build(dict(
+            type='ImageClassifier',
+            backbone=dict(type='ConvMAE', img_size=32, embed_dims=(16, 32, 48), depths=(1, 1, 1), num_heads=4,
+                          out_type='avg_featmap'),
+            head=dict(type='LinearClsHead', num_classes=3, in_channels=48),
+            data_preprocessor=dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], to_rgb=True)))
     missing = classifier.backbone.load_state_dict(pretrainer.state_dict(), strict=False).missing_keys
     assert sorted(missing) == ['fc_norm.bias', 'fc_norm.weight']
     hook = KNNMonitorHook(data_root=root)

@@ -102,13 +102,18 @@ def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
                         "train_cfg = dict(max_epochs=3)\n")
     with pytest.raises(ValueError, match=r'seg_like.py has no auto_scale_lr.base_batch_size; --auto-scale-lr'):
         _training_config([str(cfg_file), '--auto-scale-lr'])
-    with pytest.raises(RuntimeError, match='--amp needs a CUDA device'):
-        _training_config([str(cfg_file), '--amp'])
+    assert _training_config([str(cfg_file), '--amp']).optim_wrapper.type == 'BF16OptimWrapper'  # CPU: bf16
+    det_file = tmp_path / 'det_like.py'
+    det_file.write_text(cfg_file.read_text().replace("'mmseg'", "'mmdet'"))
+    with pytest.raises(RuntimeError, match=r"--amp: no mixed precision available on device 'cpu' without bf16 "
+                                           r"\(mmdet: mmcv's detection ops"):
+        _training_config([str(det_file), '--amp'])
     with pytest.raises(ValueError, match=r'param_scheduler\[1\] \(CosineAnnealingLR\) begins at epoch 3 but '
                                          r'train_cfg.max_epochs is 3'):
         _training_config([str(cfg_file), '--cfg-options', 'param_scheduler.1.begin=3'])
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # only the config is built, nothing runs
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)  # asked by the logger of the warning
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)  # a pre-Ampere GPU: fp16
     cfg = _training_config([str(cfg_file), '--amp', '--resume', '--cfg-options', 'train_cfg.max_epochs=9'])
     assert cfg.optim_wrapper.type == 'AmpOptimWrapper' and cfg.optim_wrapper.loss_scale == 512.0  # kept
     assert cfg.resume is True and cfg.load_from is None and cfg.train_cfg.max_epochs == 9
