@@ -12,14 +12,12 @@ import argparse
 import difflib
 import importlib
 import inspect
-import logging
 import os
 import os.path as osp
 import sys
 from typing import Any, Callable, List, Optional, Sequence
 
 from mmengine.config import Config, DictAction
-from mmengine.logging import print_log
 from mmengine.runner import Runner
 
 from .amp import apply_amp

@@ -54,3 +54,16 @@ randomness = dict(seed={seed}, deterministic=True)
 '''
     path.write_text(text + (extra or ''))
     return path
+
+
+def sync_bn_to_bn(node):
+    """Replace SyncBN by BN everywhere in a config (SyncBN needs a process group to be meaningful)."""
+    if isinstance(node, dict):
+        if node.get('type') == 'SyncBN':
+            node['type'] = 'BN'
+        for value in node.values():
+            sync_bn_to_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            sync_bn_to_bn(value)
+    return node

@@ -19,6 +19,7 @@ from mmengine.registry import DefaultScope
 import convmae_backbone  # noqa: F401
 from convmae_backbone.checkpoint import CheckpointError, safe_torch_load
 from convmae_backbone.convert import convert, convert_cls, convert_det, convert_seg, model_state
+from helpers import sync_bn_to_bn
 
 REPO = Path(__file__).resolve().parents[1]
 DOWNSTREAM = REPO / 'tests' / 'fixtures' / 'official_downstream_small.pt'
@@ -30,18 +31,6 @@ NUM_ANCHORS = 3  # one size per level x aspect ratios (0.5, 1, 2)
 # Small channel sizes for the heads; the backbones take the fixture's sizes.
 FPN_C, BOX_CONV_C, BOX_FC_C, MASK_C = 16, 16, 32, 16
 SEG_C, AUX_C = 16, 8
-
-
-def _sync_bn_to_bn(node):
-    if isinstance(node, dict):
-        if node.get('type') == 'SyncBN':
-            node['type'] = 'BN'
-        for value in node.values():
-            _sync_bn_to_bn(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _sync_bn_to_bn(value)
-    return node
 
 
 class _Random:
@@ -148,7 +137,7 @@ def small_detector(fixture):
     """Our mmdet config's Mask R-CNN with the fixture's backbone sizes and small head channels."""
     from mmdet.registry import MODELS
     c = fixture['det']['config']
-    cfg = _sync_bn_to_bn(copy.deepcopy(Config.fromfile(str(DET_CONFIG)).model))
+    cfg = sync_bn_to_bn(copy.deepcopy(Config.fromfile(str(DET_CONFIG)).model))
     cfg.backbone.update(img_size=c['img_size'], embed_dims=tuple(c['embed_dims']), depths=tuple(c['depths']),
                         num_heads=c['num_heads'], window_size=c['window_size'], drop_path_rate=0.0, init_cfg=None)
     cfg.neck.update(in_channels=[*c['embed_dims'], c['embed_dims'][-1]], out_channels=FPN_C)
@@ -298,7 +287,7 @@ def test_det_without_num_batches_tracked(fixture):
 def small_segmentor(fixture):
     from mmseg.registry import MODELS
     c = fixture['seg']['config']
-    cfg = _sync_bn_to_bn(copy.deepcopy(Config.fromfile(str(SEG_CONFIG)).model))
+    cfg = sync_bn_to_bn(copy.deepcopy(Config.fromfile(str(SEG_CONFIG)).model))
     cfg.backbone.update(img_size=c['img_size'], embed_dims=tuple(c['embed_dims']), depths=tuple(c['depths']),
                         num_heads=c['num_heads'], drop_path_rate=0.0, init_cfg=None)
     cfg.decode_head.update(in_channels=[*c['embed_dims'], c['embed_dims'][-1]], channels=SEG_C)

@@ -9,23 +9,11 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
+from helpers import sync_bn_to_bn
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = osp.join(REPO, 'configs', 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
 SEG_CONFIG = osp.join(REPO, 'configs', 'mmseg', 'upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
-
-
-def _sync_bn_to_bn(node):
-    """Replace SyncBN by BN everywhere in a config (SyncBN needs a process group to be meaningful)."""
-    if isinstance(node, dict):
-        if node.get('type') == 'SyncBN':
-            node['type'] = 'BN'
-        for value in node.values():
-            _sync_bn_to_bn(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _sync_bn_to_bn(value)
-    return node
 
 
 def _transform(pipeline, type_name):
@@ -42,7 +30,7 @@ def det_cfg():
 def detector(det_cfg):
     from mmdet.registry import MODELS
     with DefaultScope.overwrite_default_scope('mmdet'):
-        model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(det_cfg.model)))
+        model = MODELS.build(sync_bn_to_bn(copy.deepcopy(det_cfg.model)))
     return model.eval()
 
 
@@ -264,7 +252,7 @@ def test_seg_lr_schedule_follows_mmcv(seg_cfg):
 def test_segmentor_forward(seg_cfg):
     from mmseg.registry import MODELS
     with DefaultScope.overwrite_default_scope('mmseg'):
-        model = MODELS.build(_sync_bn_to_bn(copy.deepcopy(seg_cfg.model))).eval()
+        model = MODELS.build(sync_bn_to_bn(copy.deepcopy(seg_cfg.model))).eval()
     assert all(b.gamma_1 is not None and b.attn.rel_pos == 'table' for b in model.backbone.blocks3)
     assert model.backbone.blocks3[0].attn.relative_position_bias_table.shape == (63 * 63, 12)
     assert model.backbone.blocks3[0].norm1.eps == 1e-5 and model.backbone.pos_embed.requires_grad

@@ -17,6 +17,7 @@ from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAE
+from helpers import sync_bn_to_bn
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 BLOCK = re.compile(r'<!-- readme-test -->\n```python\n(.*?)```', re.S)
@@ -32,18 +33,6 @@ def test_readme_has_tested_snippets():
     """The README's usage section keeps its snippets under test (this guards the marker itself)."""
     blocks = [p.values[0] for p in _snippets()]
     assert sum('_base_' in b for b in blocks) >= 2 and sum('_base_' not in b for b in blocks) >= 1
-
-
-def _sync_bn_to_bn(node):
-    if isinstance(node, dict):
-        if node.get('type') == 'SyncBN':
-            node['type'] = 'BN'
-        for value in node.values():
-            _sync_bn_to_bn(value)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            _sync_bn_to_bn(value)
-    return node
 
 
 def _write_random_checkpoints(code: str, arch: dict) -> None:
@@ -72,7 +61,7 @@ def test_readme_snippet_runs(code, tmp_path, monkeypatch):
     _write_random_checkpoints(code, arch)
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     with DefaultScope.overwrite_default_scope(scope):
-        model = registry.build(_sync_bn_to_bn(copy.deepcopy(cfg.model)))
+        model = registry.build(sync_bn_to_bn(copy.deepcopy(cfg.model)))
     model.init_weights()
     model.eval()
     x = torch.randn(1, 3, 64, 96)
