@@ -27,7 +27,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from .sample_masks import pack_mask
+from .models.masking import pack_mask
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -129,7 +129,7 @@ class MAERandomFlip(BaseTransform):
 
 class PackMAEInputs(BaseTransform):
     """PIL RGB image -> ``dict(inputs=uint8 tensor (3, H, W))``, plus ``data_samples`` holding the sample's
-    mask when the pipeline drew one (:class:`~convmae_backbone.sample_masks.RandomBlockMask`)."""
+    mask when the pipeline drew one (:class:`~convmae_backbone.models.masking.RandomBlockMask`)."""
 
     def transform(self, results: dict) -> dict:
         arr = np.asarray(results['img'], dtype=np.uint8)  # (H, W, 3)

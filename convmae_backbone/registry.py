@@ -36,13 +36,14 @@ def register_all() -> None:
 
 def _register_training_components() -> None:
     """Pretraining dataset, transforms and hooks, and the bf16 optim wrapper, in mmengine's root registries."""
-    from . import amp, data, distributed, engine, knn, sample_masks
+    from . import amp, data, distributed, engine, knn
+    from .models import masking
     _register(OPTIM_WRAPPERS, amp.BF16OptimWrapper)
     distributed.register()
     _register(DATASETS, data.ImageFolderDataset)
     _register(DATA_SAMPLERS, data.SeededSampler)
     for cls in (data.LoadRGBImage, data.MAERandomResizedCrop, data.MAERandomFlip, data.PackMAEInputs,
-                sample_masks.RandomBlockMask):
+                masking.RandomBlockMask):
         _register(TRANSFORMS, cls)
     for cls in (engine.AtomicCheckpointHook, engine.NonFiniteLossHook, engine.ReseedHook,
                 engine.PlainParamGroupsHook, knn.KNNMonitorHook):

@@ -9,15 +9,20 @@ features between the two layouts the encoder runs on:
   before every depthwise convolution (masked convolution, as the official code does);
 * sparse: only the positions under visible tokens, (B, Lv, S, S, C), S = 4 at H/4, 2 at H/8, 1 at H/16.
 
+In training the mask is a function of the sample: the pipeline transform :class:`RandomBlockMask` draws it
+under the sample's seeded RNG and :func:`pack_mask` / :func:`batch_masks` carry it to the pretrainer.
+
 All stage-1/2 layers act position-wise (channels last) except the depthwise convolution, so
 :func:`masked_depthwise_conv` is the only place where the two layouts differ (compare Hiera's
 ``do_masked_conv``). Convolutions whose kernel equals their stride act on non-overlapping patches, so on
 either layout they are a reshape and a matrix product (:func:`conv_as_linear`).
 """
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from mmcv.transforms import BaseTransform
+from mmengine.structures import BaseDataElement
 from torch import Tensor, nn
 
 
@@ -182,3 +187,55 @@ def upsample_mask(mask: Tensor, grid: Tuple[int, int], scale: int) -> Tensor:
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """(B, L, C) gathered at (B, K) -> (B, K, C)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+# ------------------------------------------------------------------------------ masks drawn by the pipeline
+class RandomBlockMask(BaseTransform):
+    """Draw ``results['mask']``: (L,) bool, True = masked, over the (input / patch) token grid, with exactly
+    ``int(L * (1 - mask_ratio))`` visible tokens (the rule of :func:`~.models.masking.random_mask`).
+
+    Uses torch's global RNG, which ``SeededSampler`` (convmae_backbone.data) seeds per sample. Place it
+    after the crop, before ``PackMAEInputs``. ``input_size`` and ``mask_ratio`` must match the model's
+    ``img_size`` and ``mask_ratio`` (the model checks the number of visible tokens).
+    """
+
+    def __init__(self, input_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, mask_ratio: float = 0.75):
+        size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if len(size) != 2 or size[0] % patch_size or size[1] % patch_size or min(size) <= 0:
+            raise ValueError(f'input_size {input_size} must be positive multiples of patch_size {patch_size}')
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
+        self.grid: Tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
+        self.input_size, self.patch_size, self.mask_ratio = size, patch_size, mask_ratio
+
+    def transform(self, results: dict) -> dict:
+        img = results.get('img')
+        if img is not None and hasattr(img, 'size') and not callable(img.size):  # PIL: (W, H)
+            if tuple(img.size[::-1]) != self.input_size:
+                raise ValueError(f'RandomBlockMask expects {self.input_size} images (put it after the crop), got '
+                                 f'{tuple(img.size[::-1])}')
+        results['mask'] = random_mask(1, self.grid[0] * self.grid[1], self.mask_ratio)[0]
+        return results
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(input_size={self.input_size}, patch_size={self.patch_size}, '
+                f'mask_ratio={self.mask_ratio})')
+
+
+def pack_mask(results: dict, packed: dict) -> dict:
+    """Add ``data_samples=BaseDataElement(mask=(L,) bool)`` to ``packed`` when ``results`` holds a mask."""
+    if 'mask' in results:
+        packed['data_samples'] = BaseDataElement(mask=results['mask'])
+    return packed
+
+
+def batch_masks(data_samples: Optional[Sequence]) -> Optional[Tensor]:
+    """The (B, L) bool masks of a batch's data samples, or None when they carry none."""
+    if not data_samples:
+        return None
+    masks = [getattr(s, 'mask', None) if not isinstance(s, dict) else s.get('mask') for s in data_samples]
+    if all(m is None for m in masks):
+        return None
+    if any(m is None for m in masks):
+        raise ValueError('some data samples of the batch carry a mask and some do not')
+    return torch.stack([torch.as_tensor(m) for m in masks]).bool()

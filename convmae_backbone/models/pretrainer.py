@@ -7,8 +7,7 @@ from torch import Tensor, nn
 
 from .attention import TransformerBlock
 from .convvit import ConvViT
-from ..sample_masks import batch_masks
-from .masking import BlockMask, conv_as_linear
+from .masking import BlockMask, batch_masks, conv_as_linear
 from .utils import get_2d_sincos_pos_embed, patchify
 
 
