@@ -115,6 +115,7 @@ class ConvViT(BaseModule):
             rel_pos_bias = 'decomposed'
         self.rel_pos_bias = rel_pos_bias
         self.patch_sizes, self.embed_dims, self.depths, self.with_cp = patch_sizes, embed_dims, depths, with_cp
+        self.mlp_ratios = mlp_ratios
         self.in_channels = in_channels
         self.pos_grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
 

@@ -1,5 +1,5 @@
 """``ConvMAEPretrainer``: masked-autoencoder pretraining of the ConvMAE encoder."""
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from mmengine.model import BaseModel
@@ -27,28 +27,28 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     PRETRAINING_ONLY = ('stage1_output_decode', 'stage2_output_decode', 'norm', 'decoder_embed', 'mask_token',
                         'decoder_pos_embed', 'decoder_blocks', 'decoder_norm', 'decoder_pred')
 
+    #: The :class:`ConvViT` arguments pretraining takes (the official pretraining encoder: global attention, no
+    #: relative position bias, no layer scale).
+    ENCODER_ARGS = ('img_size', 'in_channels', 'patch_sizes', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios',
+                    'drop_path_rate', 'with_cp')
+
     def __init__(self,
-                 img_size: int = 224,
-                 in_channels: int = 3,
-                 patch_sizes: Sequence[int] = (4, 2, 2),
-                 embed_dims: Sequence[int] = (256, 384, 768),
-                 depths: Sequence[int] = (2, 2, 11),
-                 num_heads: int = 12,
-                 mlp_ratios: Union[float, Sequence[float]] = (4, 4, 4),
-                 drop_path_rate: float = 0.0,
                  decoder_embed_dim: int = 512,
                  decoder_depth: int = 8,
                  decoder_num_heads: int = 16,
                  mask_ratio: float = 0.75,
                  norm_pix_loss: bool = True,
                  loss_type: str = 'mse',
-                 with_cp: bool = False,
                  sparse: bool = True,
                  data_preprocessor: Optional[dict] = None,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(img_size=img_size, in_channels=in_channels, patch_sizes=patch_sizes, embed_dims=embed_dims,
-                         depths=depths, num_heads=num_heads, mlp_ratios=mlp_ratios, drop_path_rate=drop_path_rate,
-                         with_cp=with_cp, init_cfg=init_cfg, data_preprocessor=data_preprocessor)
+                 init_cfg: Optional[dict] = None,
+                 **encoder_args):
+        """``encoder_args``: the :attr:`ENCODER_ARGS` of :class:`ConvViT` (defaults: ConvMAE-Base at 224)."""
+        unknown = sorted(set(encoder_args) - set(self.ENCODER_ARGS))
+        if unknown:
+            raise TypeError(f'ConvMAEPretrainer got unexpected arguments {unknown}; the encoder takes '
+                            f'{list(self.ENCODER_ARGS)}')
+        super().__init__(**encoder_args, init_cfg=init_cfg, data_preprocessor=data_preprocessor)
         if loss_type not in ('mse', 'l1'):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
         if not 0.0 <= mask_ratio < 1.0:
@@ -66,11 +66,11 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed.shape[1], decoder_embed_dim),
                                               requires_grad=False)
-        decoder_mlp_ratio = float(mlp_ratios if isinstance(mlp_ratios, (int, float)) else mlp_ratios[0])
+        decoder_mlp_ratio = float(self.mlp_ratios[0])
         self.decoder_blocks = nn.ModuleList(
             TransformerBlock(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
-        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * in_channels)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * self.in_channels)
         self.init_weights()
 
     def init_random_weights(self) -> None:
