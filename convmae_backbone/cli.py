@@ -21,7 +21,7 @@ from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from .amp import apply_amp
-from .distributed import init_distributed
+from .distributed import finish_distributed, init_distributed
 
 #: ``default_scope`` of the configs each tool runs.
 DOWNSTREAM_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
@@ -209,6 +209,7 @@ def _train(argv: Optional[Sequence[str]], description: str, scopes: Sequence[str
     parser = add_common_args(argparse.ArgumentParser(description=description))
     runner = build_runner(config_from_args(parse_args(parser, argv), scopes))
     runner.train()
+    finish_distributed()
     return runner
 
 
@@ -259,6 +260,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     runner.test()
+    finish_distributed()
     return runner
 
 

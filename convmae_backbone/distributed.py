@@ -138,6 +138,14 @@ def init_distributed(cfg: Config) -> None:
               level=logging.INFO)
 
 
+def finish_distributed() -> None:
+    """Tear the process group down after a run (all ranks meet first): a gloo group left to the interpreter's
+    exit can abort a rank ('terminate called without an active exception') after all work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def use_cpu_sync_bn() -> None:
     """Make the ``SyncBN`` norm type (mmcv's registry name for ``torch.nn.SyncBatchNorm``) build
     :class:`CPUSyncBatchNorm` in this process (for distributed runs without CUDA)."""

@@ -107,7 +107,7 @@ def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
     det_file.write_text(cfg_file.read_text().replace("'mmseg'", "'mmdet'"))
     with pytest.raises(RuntimeError, match=r"--amp: no mixed precision available on device 'cpu' without bf16 "
                                            r"\(mmdet: mmcv's detection ops"):
-        _training_config([str(det_file), '--amp'])
+        _training_config([str(det_file), '--amp'], ('mmdet',))
     with pytest.raises(ValueError, match=r'param_scheduler\[1\] \(CosineAnnealingLR\) begins at epoch 3 but '
                                          r'train_cfg.max_epochs is 3'):
         _training_config([str(cfg_file), '--cfg-options', 'param_scheduler.1.begin=3'])
