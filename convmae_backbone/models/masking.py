@@ -108,14 +108,16 @@ class BlockMask:
         keep = ~self.upsample(scale)[:, 0, :, :, None]  # (B, h*S, w*S, 1)
         return x * keep.to(x.dtype)
 
-    def scatter(self, x: Tensor) -> Tensor:
-        """Sparse (B, Lv, S, S, C) -> dense channels-last (B, h*S, w*S, C), zeros at masked positions."""
+    def scatter(self, x: Tensor, halo: int = 0) -> Tensor:
+        """Sparse (B, Lv, S, S, C) -> dense channels-last (B, h*S, w*S, C), zeros at masked positions; with a
+        ``halo``, framed by that many rows and columns of zeros: (B, h*S + 2*halo, w*S + 2*halo, C)."""
         b, _, s, _, c = x.shape
         h, w = self.grid
-        dense = x.new_zeros(b, h, s, w, s, c)
+        dense = x.new_zeros(b, h * s + 2 * halo, w * s + 2 * halo, c)
+        inner = dense[:, halo:halo + h * s, halo:halo + w * s].view(b, h, s, w, s, c)
         # advanced indices on dims 0, 1, 3 around a slice: the indexed view is (B, Lv, S, S, C)
-        dense[self._batch, self._rows, :, self._cols] = x
-        return dense.view(b, h * s, w * s, c)
+        inner[self._batch, self._rows, :, self._cols] = x
+        return dense
 
     def gather(self, x: Tensor) -> Tensor:
         """Dense channels-last (B, h*S, w*S, C) -> sparse (B, Lv, S, S, C): the blocks under visible tokens."""
@@ -126,26 +128,92 @@ class BlockMask:
             raise ValueError(f'a {hs}x{ws} map is not a whole multiple of the {h}x{w} token grid')
         return x.reshape(b, h, s, w, s, c)[self._batch, self._rows, :, self._cols]
 
+    def windows(self, x: Tensor, halo: int) -> Tensor:
+        """Sparse (B, Lv, S, S, C) -> (B, Lv, S+2*halo, S+2*halo, C): every visible block with ``halo`` pixels
+        of its neighbourhood around it, zero at masked positions and outside the image."""
+        s = x.shape[2]
+        dense = self.scatter(x, halo)
+        span = torch.arange(s + 2 * halo, device=x.device)
+        rows = (self._rows * s)[:, :, None, None] + span[:, None]
+        cols = (self._cols * s)[:, :, None, None] + span[None, :]
+        return dense[self._batch[:, :, None, None], rows, cols]
+
 
 def masked_depthwise_conv(conv: nn.Conv2d, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:
     """The depthwise convolution of a stage-1/2 block on channels-last features, masked.
 
     x is dense (B, H, W, C) or sparse (B, Lv, S, S, C). Dense with a mask: masked positions are zeroed before
     the convolution; sparse: the visible blocks are scattered into a zero-filled map, convolved and gathered
-    back. Both give the same values at visible positions, which never see masked content.
+    back (:class:`SparseDepthwiseConv`, with its own backward). Both give the same values at visible positions,
+    which never see masked content.
     """
     if x.dim() == 5:
         if mask is None:
             raise ValueError('sparse (B, Lv, S, S, C) features need their BlockMask')
-        return mask.gather(_conv_channels_last(conv, mask.scatter(x)))
+        return SparseDepthwiseConv.apply(x, conv.weight, conv.bias, mask)
     if mask is not None:
         x = mask.zero_masked(x)
-    return _conv_channels_last(conv, x)
+    return _depthwise(x, conv.weight, conv.bias)
 
 
-def _conv_channels_last(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """``conv`` on a channels-last (B, H, W, C) map, through NCHW views of the same memory."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+class SparseDepthwiseConv(torch.autograd.Function):
+    """A stride-1, 'same'-padded depthwise convolution (odd kernel k, weight (C, 1, k, k)) of the visible
+    blocks (B, Lv, S, S, C) -> (B, Lv, S, S, C), with masked positions read as zero.
+
+    The same values as ``conv`` on the scattered dense map gathered back (what the forward computes), with a
+    backward that is cheaper than autograd's: the input gradient is the conv of the scattered output gradient
+    with the flipped kernel (a forward convolution), and the weight gradient sums, for each of the k*k kernel
+    offsets, output gradient x input over the visible blocks only, from the (S+k-1)^2 input window of every
+    block (on CPU, oneDNN's weight gradient of a depthwise conv over the whole map is many times slower than its
+    forward, in bf16 even more so). Accumulates in at least fp32; input and output keep the input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], mask: BlockMask) -> Tensor:
+        k = weight.shape[-1]
+        if weight.shape[1] != 1 or weight.shape[0] != x.shape[-1] or k % 2 == 0 or weight.shape[-2] != k:
+            raise ValueError(f'expected a depthwise (C, 1, k, k) weight with odd k for {x.shape[-1]} channels, '
+                             f'got {tuple(weight.shape)}')
+        ctx.save_for_backward(x, weight)
+        ctx.mask, ctx.has_bias = mask, bias is not None
+        return mask.gather(_depthwise(mask.scatter(x, k // 2), weight, bias, padding=0))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        mask: BlockMask = ctx.mask
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.flip(-2, -1).to(grad.dtype)
+            grad_x = mask.gather(_depthwise(mask.scatter(grad, weight.shape[-1] // 2), flipped, None, padding=0))
+            grad_x = grad_x.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = _depthwise_weight_grad(mask.windows(x, weight.shape[-1] // 2), grad).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            acc = torch.promote_types(grad.dtype, torch.float32)
+            grad_b = grad.sum(dim=(0, 1, 2, 3), dtype=acc).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def _depthwise(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: Optional[int] = None) -> Tensor:
+    """Stride-1 depthwise conv (C, 1, k, k) of a channels-last (B, H, W, C) map; 'same' padding (k // 2) by
+    default, ``padding=0`` for a map that already carries its zero frame."""
+    padding = weight.shape[-1] // 2 if padding is None else padding
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=padding, groups=x.shape[-1])
+    return out.permute(0, 2, 3, 1)
+
+
+def _depthwise_weight_grad(windows: Tensor, grad: Tensor) -> Tensor:
+    """Weight gradient (C, 1, k, k) of a 'valid' depthwise conv from its input windows (..., S+k-1, S+k-1, C)
+    and output gradient (..., S, S, C): for every kernel offset (i, j), the sum of grad * window[i:i+S, j:j+S]."""
+    s = grad.shape[-2]
+    k = windows.shape[-2] - s + 1
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    grad, windows = grad.to(acc), windows.to(acc)
+    dims = tuple(range(grad.dim() - 1))
+    out = torch.stack([(grad * windows[..., i:i + s, j:j + s, :]).sum(dim=dims)
+                       for i in range(k) for j in range(k)])  # (k*k, C)
+    return out.t().reshape(-1, 1, k, k)
 
 
 def split_blocks(x: Tensor, size: int) -> Tensor:
