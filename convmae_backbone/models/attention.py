@@ -23,8 +23,11 @@ from typing import Optional, Tuple
 import torch
 from torch.compiler import is_compiling, is_exporting
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .utils import gelu_linear
 
 #: Relative position bias of one attention layer: none, ViTDet's decomposed tables, or its own BEiT table.
 ATTENTION_REL_POS = ('none', 'decomposed', 'table')
@@ -110,6 +113,26 @@ class RelativePositionBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f'size={self.table_size}, num_heads={self.relative_position_bias_table.shape[1]}'
+
+
+#: Longest key sequence for which :func:`sdpa` trains reduced-precision attention on CPU with the math kernel
+#: (where the math kernel's forward + backward was measured faster than flash's; 256 keys were not).
+CPU_MATH_MAX_KEYS = 196
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+    """``F.scaled_dot_product_attention`` for (B, heads, N, d) q, k, v; the kernel choice is the only difference.
+
+    On CPU, in bf16/fp16 with autograd and up to :data:`CPU_MATH_MAX_KEYS` keys (the pretraining encoder and
+    decoder at 224), it runs SDPA's math kernel, which computes in fp32 and whose backward is much faster there
+    than the flash kernel's for short sequences (``tools/benchmark.py`` measures the step). Elsewhere PyTorch
+    picks (flash on CPU: never the (N, N) matrix).
+    """
+    if (q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= CPU_MATH_MAX_KEYS
+            and torch.is_grad_enabled() and q.requires_grad and not is_exporting()):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 class Attention(nn.Module):
@@ -223,7 +246,7 @@ class Attention(nn.Module):
         b, nh, n, _ = q.shape
         if (not (self.use_rel_pos or shared is not None) or is_exporting()
                 or b * nh * n * n <= self.max_bias_numel):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.attn_mask(q, hw, pad, shared=shared))
+            return sdpa(q, k, v, self.attn_mask(q, hw, pad, shared=shared))
         w = hw[1]
         rows = max(1, self.max_bias_numel // (b * nh * w * n))
         reuse = self.rel_pos == 'decomposed' and not torch.is_grad_enabled() and not is_compiling()
@@ -267,6 +290,19 @@ def window_unpartition(windows: Tensor, window: int, padded_hw: Tuple[int, int],
     b = windows.shape[0] // (n_h * n_w)
     x = windows.reshape(b, n_h, n_w, window, window, c).permute(0, 1, 3, 2, 4, 5)
     return x.reshape(b, n_h * window, n_w * window, c)[:, :hw[0], :hw[1]]
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear over tokens (timm's ``Mlp`` keys ``fc1``/``fc2``); the GELU is recomputed in the
+    backward (:func:`~.utils.gelu_linear`)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
 
 
 class TransformerBlock(nn.Module):

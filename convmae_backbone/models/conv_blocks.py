@@ -11,6 +11,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from .masking import BlockMask, conv_as_linear, masked_depthwise_conv
+from .utils import gelu_linear
 
 
 class PatchEmbed(nn.Module):
@@ -28,16 +29,17 @@ class PatchEmbed(nn.Module):
 
 
 class PointwiseMlp(nn.Module):
-    """The conv blocks' MLP: 1x1 conv -> GELU -> 1x1 conv (the official ``CMlp``), on channels-last features."""
+    """The conv blocks' MLP: 1x1 conv -> GELU -> 1x1 conv (the official ``CMlp``), on channels-last features; the
+    GELU is recomputed in the backward (:func:`~.utils.gelu_linear`)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
-        self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv_as_linear(self.fc2, self.act(conv_as_linear(self.fc1, x)))
+        weight = self.fc2.weight.view(self.fc2.out_channels, -1)
+        return gelu_linear(conv_as_linear(self.fc1, x), weight, self.fc2.bias)
 
 
 class ConvBlock(nn.Module):

@@ -1,10 +1,13 @@
-"""Position embeddings and (un)patchify, shared by the encoder, the pretrainer and the tools."""
+"""Position embeddings, (un)patchify and the MLPs' GELU -> Linear, shared by the encoder, the pretrainer and the
+tools."""
 from functools import lru_cache
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
+from torch.compiler import is_exporting
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
@@ -56,3 +59,42 @@ def unpatchify(x: Tensor, grid_hw: Tuple[int, int], p: int, channels: int = 3) -
     h, w = grid_hw
     x = x.reshape(b, h, w, p, p, channels)
     return torch.einsum('bhwpqc->bchpwq', x).reshape(b, channels, h * p, w * p)
+
+
+def gelu_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(F.gelu(h), weight, bias)`` (exact GELU), the second half of every MLP of the encoder and the
+    decoder. Under autograd only ``h`` is kept for the backward and the GELU is recomputed there
+    (:class:`GeluLinear`): the MLPs then hold one hidden-size activation instead of two. Same values and
+    gradients (the same operations); without autograd or when exporting, the plain expression."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and not is_exporting():
+        return GeluLinear.apply(h, weight, bias)
+    return F.linear(F.gelu(h), weight, bias)
+
+
+class GeluLinear(torch.autograd.Function):
+    """linear(gelu(h)) saving only ``h`` (see :func:`gelu_linear`). h (..., hidden), weight (out, hidden).
+
+    Under autocast the forward's operations are autocast as usual; the backward repeats them in the dtype the
+    forward computed in (that of its output) and returns the parameter gradients in the parameters' dtype."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        out = F.linear(F.gelu(h), weight, bias)
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, weight = ctx.saved_tensors
+        dtype = grad.dtype
+        grad_h = grad_w = grad_b = None
+        flat = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[0]:
+            grad_a = (flat @ weight.to(dtype)).view(*grad.shape[:-1], weight.shape[1])
+            grad_h = torch.ops.aten.gelu_backward(grad_a.to(h.dtype), h)
+        if ctx.needs_input_grad[1]:
+            grad_w = (flat.t() @ F.gelu(h).to(dtype).reshape(-1, h.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat.sum(0, dtype=torch.promote_types(dtype, torch.float32)).to(weight.dtype)
+        return grad_h, grad_w, grad_b
