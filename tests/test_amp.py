@@ -12,6 +12,7 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper, build_optim_wrapper
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAEPretrainer, cli
 from convmae_backbone.amp import BF16OptimWrapper, amp_optim_wrapper
+from convmae_backbone.models.attention import CPU_MATH_MAX_KEYS, sdpa
 from convmae_backbone.models.masking import random_mask
 from conftest import max_rel_err
 from helpers import make_images, write_tiny_config
@@ -102,6 +103,39 @@ def test_sdpa_softmax_is_fp32_under_bf16_autocast():
     assert max_rel_err(out, exact) < 1.5 * rounding
     all_bf16 = ((q.bfloat16() @ k.bfloat16().transpose(-1, -2)) * 32 ** -0.5 + bias.bfloat16()).softmax(-1)
     assert max_rel_err(all_bf16 @ v.bfloat16(), exact) > 5 * rounding
+
+
+@pytest.mark.parametrize('keys', [49, 196, 256])
+def test_sdpa_training_kernels_in_bf16_on_cpu(keys):
+    """``sdpa`` trains short bf16 sequences on CPU with the math kernel (up to CPU_MATH_MAX_KEYS keys) and leaves
+    longer ones to PyTorch's choice (flash without a mask); either way output and gradients are within bf16
+    rounding of the exact result."""
+    torch.manual_seed(keys)
+    q, k, v = (torch.randn(2, 4, keys, 32).bfloat16().requires_grad_() for _ in range(3))
+    bias = torch.randn(4, keys, keys).bfloat16()
+
+    def kernels(fn, *args) -> set:
+        with torch.profiler.profile() as prof:
+            fn(q, k, v, *args)
+        return {e.key for e in prof.key_averages() if e.key.startswith('aten::_scaled_dot_product')}
+
+    math = {'aten::_scaled_dot_product_attention_math'}
+    if keys <= CPU_MATH_MAX_KEYS:
+        assert kernels(sdpa) == kernels(sdpa, bias) == math
+    else:
+        assert kernels(sdpa) == kernels(F.scaled_dot_product_attention) != math  # flash
+        assert kernels(sdpa, bias) == kernels(F.scaled_dot_product_attention, bias)
+    out = sdpa(q, k, v, bias)
+    grad = torch.randn(out.shape).bfloat16()
+    out.backward(grad)
+    exact_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = F.scaled_dot_product_attention(*exact_in, attn_mask=bias.double())
+    exact.backward(grad.double())
+    assert out.dtype == torch.bfloat16
+    assert max_rel_err(out, exact) < 1.5 * max_rel_err(exact.bfloat16(), exact)
+    for got, ref in zip((q, k, v), exact_in):
+        assert got.grad.dtype == torch.bfloat16
+        assert max_rel_err(got.grad, ref.grad) < 3 * max_rel_err(ref.grad.bfloat16(), ref.grad)
 
 
 def test_amp_flag_runs_bf16_on_cpu_through_the_runner(tmp_path):

@@ -1,4 +1,5 @@
-"""Sparse stage-1/2 pretraining path and fused attention: both must give the reference results."""
+"""Sparse stage-1/2 pretraining path, fused attention and the layers with a backward of their own: all must give
+the reference results."""
 import copy
 import os
 
@@ -9,8 +10,9 @@ import torch.nn.functional as F
 from convmae_backbone.models import BlockMask, ConvMAEPretrainer
 from convmae_backbone.models.attention import Attention, RelativePositionBias, TransformerBlock
 from convmae_backbone.models.conv_blocks import ConvBlock
-from convmae_backbone.models.masking import random_mask
+from convmae_backbone.models.masking import SparseDepthwiseConv, masked_depthwise_conv, random_mask
 from convmae_backbone.models.reference import ExplicitAttention, with_explicit_attention
+from convmae_backbone.models.utils import GeluLinear, gelu_linear
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'official_convmae_small.pt')
 SMALL = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=4,
@@ -89,6 +91,72 @@ def test_sparse_equals_dense_non_square_grid():
     for name in gd:
         assert gd[name] is not None and gd[name].abs().max() > 0, name
         assert rel_err(gs[name], gd[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize('block', [4, 2, 1])
+def test_sparse_depthwise_conv_equals_dense_autograd(block):
+    """The sparse depthwise conv (its own backward) equals autograd through the conv of the scattered map gathered
+    back, in float64: values and input, weight and bias gradients, and passes gradcheck; a non-square grid whose
+    visible blocks touch the border, so the windows read zero padding and masked neighbours."""
+    torch.manual_seed(block)
+    conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6).double()
+    mask = BlockMask(random_mask(2, 12, 0.5, generator=torch.Generator().manual_seed(block)), (3, 4))
+    x = torch.randn(2, 6, block, block, 6, dtype=torch.float64, requires_grad=True)
+    ref = mask.gather(conv(mask.scatter(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+    out = masked_depthwise_conv(conv, x, mask)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(ref, (x, conv.weight, conv.bias), grad)
+    got = torch.autograd.grad(out, (x, conv.weight, conv.bias), grad)
+    assert rel_err(out, ref) < 1e-14
+    for g, e in zip(got, expected):
+        assert e.abs().max() > 0 and rel_err(g, e) < 1e-12
+    assert torch.autograd.gradcheck(lambda a, w, b: SparseDepthwiseConv.apply(a, w, b, mask),
+                                    (x, conv.weight, conv.bias))
+
+
+def test_sparse_depthwise_conv_bf16_accumulates_in_fp32():
+    """Under bf16 autocast the sparse depthwise conv keeps bf16 activations, and its weight gradient (a sum over
+    all visible positions of the batch) is accumulated in fp32: within 1e-5 of the exact sum of the same bf16
+    inputs, where bf16 accumulation would be off by ~1e-2."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 32, 5, padding=2, groups=32)
+    mask = BlockMask(random_mask(8, 196, 0.75, generator=torch.Generator().manual_seed(0)), (14, 14))
+    x = torch.randn(8, 49, 4, 4, 32).bfloat16().requires_grad_()
+    with torch.autocast('cpu', torch.bfloat16):
+        out = masked_depthwise_conv(conv, x, mask)
+    grad = torch.randn(out.shape).bfloat16()
+    out.backward(grad)
+    assert out.dtype == x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+    exact = torch.nn.Conv2d(32, 32, 5, padding=2, groups=32).double()
+    with torch.no_grad():
+        exact.weight.copy_(conv.weight.bfloat16())  # what the autocast forward used
+        exact.bias.copy_(conv.bias.bfloat16())
+    xd = x.detach().double().requires_grad_()
+    masked_depthwise_conv(exact, xd, mask).backward(grad.double())
+    assert rel_err(conv.weight.grad, exact.weight.grad) < 1e-5
+    assert rel_err(conv.bias.grad, exact.bias.grad) < 1e-5
+    assert rel_err(x.grad, xd.grad) < 1e-2  # rounded to bf16
+
+
+def test_gelu_linear_recomputes_gelu_with_the_same_gradients():
+    """The MLPs' GELU -> Linear keeps only its input for the backward (one hidden-size activation per MLP fewer)
+    and gives autograd's values and gradients in float64 (and passes gradcheck)."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    fc2 = torch.nn.Linear(16, 8).double()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = gelu_linear(h, fc2.weight, fc2.bias)
+    assert {t.data_ptr() for t in saved} == {h.data_ptr(), fc2.weight.data_ptr()}
+    ref = F.linear(F.gelu(h), fc2.weight, fc2.bias)
+    grad = torch.randn_like(ref)
+    args = (h, fc2.weight, fc2.bias)
+    for got, expected in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, args, grad)):
+        assert rel_err(got, expected) < 1e-14
+    assert rel_err(out, ref) == 0
+    assert torch.autograd.gradcheck(GeluLinear.apply, args)
+    with torch.no_grad():  # no autograd: the plain expression
+        assert torch.equal(gelu_linear(h, fc2.weight, fc2.bias), ref)
 
 
 def test_sparse_prediction_ignores_masked_pixels():
