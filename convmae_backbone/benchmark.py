@@ -123,6 +123,38 @@ def _time_loop(step: Callable[[], None], device: str, warmup: int, iters: int,
     return flops, times, held
 
 
+#: Categories of the op breakdown (``--profile``): the first whose substrings match an op's name wins.
+OP_CATEGORIES = (
+    ('GEMM', ('aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'mkldnn_linear', 'aten::_mkl_linear')),
+    ('attention', ('scaled_dot_product', 'aten::_softmax')),
+    ('convolution', ('convolution',)),
+    ('optimizer', ('_fused_adam', 'Optimizer.', 'aten::_foreach')),
+    ('compiled kernels', ('Compiled', 'cpp_fused', 'triton_', 'Torch-Compiled')),
+    ('copies, indexing, fills', ('copy_', 'aten::index', 'index_put', 'aten::gather', 'aten::scatter', 'aten::cat',
+                                 'aten::fill_', 'aten::zero_', 'aten::clone', 'aten::stack', 'aten::constant_pad')),
+    ('elementwise, norms, reductions', ('aten::',)),
+)
+
+
+def op_breakdown(step: Callable[[], None], device: str) -> Dict[str, float]:
+    """Milliseconds of one ``step`` per :data:`OP_CATEGORIES` entry (self time of every profiled op: CPU time on
+    CPU, device time on CUDA), plus ``'other'`` (Python, autograd and dispatch overhead) and ``'total'``."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    out = {name: 0.0 for name, _ in OP_CATEGORIES}
+    out['other'] = 0.0
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device == 'cuda' else event.self_cpu_time_total
+        name = next((cat for cat, keys in OP_CATEGORIES if any(k in event.key for k in keys)), 'other')
+        out[name] += us / 1000
+    out['total'] = sum(out.values())
+    return out
+
+
 def _peak_mb(device: str) -> float:
     if device == 'cuda':
         return torch.cuda.max_memory_allocated() / 2 ** 20
@@ -291,11 +323,14 @@ def worker_pretrain(cfg: dict) -> dict:
     with stats:
         flops, times, held_cuda = _time_loop(step, device, cfg['warmup'], cfg['iters'], stats if compiled else None)
     held = held_cuda if device == 'cuda' else held_cpu
-    res = dict(flops=flops, times=times, held_mb=held, peak_mb=_peak_mb(device),
+    peak = _peak_mb(device)  # before the profiled step, whose bookkeeping is not the model's memory
+    res = dict(flops=flops, times=times, held_mb=held, peak_mb=peak,
                params=sum(p.numel() for p in model.parameters()), wrapper=type(wrapper).__name__,
                optimizer=f"{type(wrapper.optimizer).__name__}(fused={wrapper.optimizer.defaults.get('fused')})")
     if compiled:
         res['compile'] = stats.as_dict()
+    if cfg.get('profile'):
+        res['breakdown'] = op_breakdown(step, device)
     return res
 
 
@@ -409,6 +444,44 @@ def format_section(title: str, mem_name: str, rows: Sequence[Tuple[str, dict]],
     return '\n'.join(lines)
 
 
+def format_breakdown(rows: Sequence[Tuple[str, dict]], clock: str) -> str:
+    """Where one step's time goes (``--profile``): ms and share of the profiled step per op category."""
+    cats = [name for name, _ in OP_CATEGORIES] + ['other']
+    lines = [f'**Where a step\'s time goes ({clock} self time per op category, one profiled step; ms and share)**',
+             '', '| variant | ' + ' | '.join(cats) + ' | total ms |', '|' + '---|' * (len(cats) + 2)]
+    for name, r in rows:
+        b = r.get('breakdown')
+        if b:
+            cells = ' | '.join(f"{b[c]:.0f} ({100 * b[c] / b['total']:.0f}%)" for c in cats)
+            lines.append(f"| {LABELS.get(name, name)} | {cells} | {b['total']:.0f} |")
+    return '\n'.join(lines)
+
+
+def format_cross_ratios(entries: List[dict], reference: str, device: str) -> str:
+    """Ratios between rows of different tables of one run: the bf16 step against the reference's fp32 step, and
+    compiled against eager (best times; on CUDA also img/s)."""
+    by_dtype = {e['dtype']: e.get('pretrain', {}) for e in entries}
+    fp32, bf16 = by_dtype.get('fp32', {}), by_dtype.get('bf16', {})
+    lines = [f'**Ratios across the tables of this run ({device}, best times)**', '', '| comparison | ratio |',
+             '|---|---|']
+
+    def add(label: str, num: Optional[dict], den: Optional[dict], higher: bool = False) -> None:
+        if num and den and 'best_s' in num and 'best_s' in den:
+            value = den['best_s'] / num['best_s'] if higher else num['best_s'] / den['best_s']
+            lines.append(f'| {label} | {value:.2f} |')
+
+    ref = LABELS[reference]
+    add(f'sparse (ours) bf16 step / {ref} fp32 step', bf16.get('sparse'), fp32.get(reference))
+    add(f'sparse (ours) fp32 step / {ref} fp32 step', fp32.get('sparse'), fp32.get(reference))
+    add(f'sparse (ours) bf16 step / {ref} bf16 step', bf16.get('sparse'), bf16.get(reference))
+    for dtype, rows in by_dtype.items():
+        add(f'sparse compiled / sparse eager, {dtype}', rows.get('sparse-compiled'), rows.get('sparse'))
+    if device == 'cuda':
+        add(f'img/s: sparse (ours) bf16 / {ref} fp32', bf16.get('sparse'), fp32.get(reference), higher=True)
+        add(f'img/s: sparse (ours) bf16 / {ref} bf16', bf16.get('sparse'), bf16.get(reference), higher=True)
+    return '\n'.join(lines)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
@@ -426,6 +499,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--official-src', metavar='PATH',
                         help='a checkout of Alpha-VL/ConvMAE: also time its MaskedAutoencoderConvViT')
     parser.add_argument('--compile', action='store_true', help='add torch.compile rows (sparse step, backbone)')
+    parser.add_argument('--profile', action='store_true',
+                        help="profile one more pretraining step per variant: time per op category")
     parser.add_argument('--json', metavar='OUT', help='also write all results to this JSON file')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -459,24 +534,26 @@ def main(argv: Optional[List[str]] = None) -> dict:
                       backbone_batch=args.backbone_batch, official_src=args.official_src,
                       gemm_n=512 if args.quick else 4096, gemm_iters=3 if args.quick else 10)
         report['config'] = common
+        pre = ['sparse', 'dense', 'official-formulation']
+        pre += ['official-source'] if args.official_src else []
+        pre += ['sparse-compiled'] if args.compile else []
+        bb = ['fused', 'explicit'] + (['fused-compiled'] if args.compile else [])
+        jobs = [('gemm', None, None)]
+        if args.only in (None, 'pretrain'):
+            jobs += [('pretrain', v, None) for v in pre]
+        if args.only in (None, 'backbone'):
+            jobs += [('backbone', v, task) for task in ('det', 'seg') for v in bb]
+        runs: Dict[tuple, list] = {(dtype, *job): [] for dtype in dtypes for job in jobs}
+        for _ in range(args.rounds):  # alternate variants and dtypes, so that load drift hits all of them
+            for dtype in dtypes:
+                for kind, variant, task in jobs:
+                    runs[(dtype, kind, variant, task)].append(run_worker(dict(
+                        common, dtype=dtype, kind=kind, variant=variant, task=task,
+                        profile=args.profile and kind == 'pretrain')))
+        entries = []
         for dtype in dtypes:
             cfg = dict(common, dtype=dtype)
-            pre = ['sparse', 'dense', 'official-formulation']
-            pre += ['official-source'] if args.official_src else []
-            pre += ['sparse-compiled'] if args.compile else []
-            bb = ['fused', 'explicit'] + (['fused-compiled'] if args.compile else [])
-            jobs = []
-            if args.only in (None, 'pretrain'):
-                jobs += [('pretrain', v, None) for v in pre]
-            if args.only in (None, 'backbone'):
-                jobs += [('backbone', v, task) for task in ('det', 'seg') for v in bb]
-            runs: Dict[tuple, list] = {job: [] for job in jobs}
-            gemms = []
-            for _ in range(args.rounds):  # alternate the variants, so that load drift hits all of them
-                gemms.append(run_worker(dict(cfg, kind='gemm')))
-                for kind, variant, task in jobs:
-                    runs[(kind, variant, task)].append(run_worker(dict(cfg, kind=kind, variant=variant, task=task)))
-            gemm = max(gemms, key=lambda r: r.get('gflops_per_s', 0))
+            gemm = max(runs[(dtype, 'gemm', None, None)], key=lambda r: r.get('gflops_per_s', 0))
             ceiling = gemm['gflops_per_s']
             entry = dict(device=device, dtype=dtype, machine=machine_description(device), gemm=gemm,
                          batch=cfg['batch'])
@@ -486,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
                      f"GEMM ceiling ({gemm['n']}^3 {dtype} torch.mm, best of {args.rounds} x {cfg['gemm_iters']}): "
                      f"**{ceiling:.1f} GFLOP/s**", '']
             if args.only in (None, 'pretrain'):
-                rows = [(v, summarise(runs[('pretrain', v, None)], cfg['batch'], ceiling)) for v in pre]
+                rows = [(v, summarise(runs[(dtype, 'pretrain', v, None)], cfg['batch'], ceiling)) for v in pre]
                 entry['pretrain'] = dict(rows)
                 wrapper = next((r.get('wrapper') for _, r in rows if 'wrapper' in r), '?')
                 ref = 'official-source' if args.official_src else 'official-formulation'
@@ -494,15 +571,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
                     f"Pretraining step, ConvMAE-{arch} {cfg['img_size']}x{cfg['img_size']}, batch {cfg['batch']}, "
                     f"mask 0.75, fwd+bwd+optimizer through {wrapper} ({args.rounds} x {args.iters} timed iterations)",
                     mem, rows, ref), '']
+                if args.profile:
+                    text += [format_breakdown(rows, 'CPU' if device == 'cpu' else 'CUDA'), '']
             if args.only in (None, 'backbone'):
                 for task in ('det', 'seg'):
-                    rows = [(v, summarise(runs[('backbone', v, task)], cfg['backbone_batch'], ceiling)) for v in bb]
+                    rows = [(v, summarise(runs[(dtype, 'backbone', v, task)], cfg['backbone_batch'], ceiling))
+                            for v in bb]
                     entry[f'backbone_{task}'] = dict(rows)
                     size = next((r['size'] for _, r in rows if 'size' in r), '?')
                     text += [format_section(
                         f"Backbone forward ({task} config), ConvMAE-{arch} {size}x{size}, batch "
                         f"{cfg['backbone_batch']}, inference", mem, rows, 'explicit'), '']
-            report['results'].append(entry)
+            entries.append(entry)
+        if args.only in (None, 'pretrain'):
+            ref = 'official-source' if args.official_src else 'official-formulation'
+            text += [format_cross_ratios(entries, ref, device), '']
+        report['results'] += entries
     print('\n'.join(text))
     if args.json:
         with open(args.json, 'w') as f:

@@ -1,9 +1,11 @@
 """convmae_backbone.benchmark: its FLOP counting, a quick smoke run of the pretraining comparison (eager, compiled,
 fp32 and bf16) and a clear report when the official code cannot be used."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 import torch
@@ -30,20 +32,21 @@ def test_flop_counter_counts_grouped_conv_backward_by_its_groups(groups):
     assert counter.get_total_flops() == 2 * 2 * macs
 
 
-def _quick(tmp_path, *args) -> dict:
+def _quick(tmp_path, *args) -> Tuple[dict, str]:
     out = tmp_path / 'bench.json'
     proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'pretrain',
                            '--iters', '1', '--warmup', '2', '--device', 'cpu', '--json', str(out), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert 'official formulation (our reimplementation)' in proc.stdout and 'Backbone forward' not in proc.stdout
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()), proc.stdout
 
 
 @pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
 def test_quick_pretrain_comparison(tmp_path, dtype):
     """fp32 through OptimWrapper, eager and compiled; bf16 through the wrapper --amp selects on CPU."""
-    entry, = _quick(tmp_path, '--dtype', dtype, *(['--compile'] if dtype == 'fp32' else []))['results']
+    report, text = _quick(tmp_path, '--dtype', dtype, *(['--compile', '--profile'] if dtype == 'fp32' else []))
+    entry, = report['results']
     assert entry['dtype'] == dtype and entry['gemm']['gflops_per_s'] > 0
     rows = entry['pretrain']
     eager = [rows[v] for v in ('sparse', 'dense', 'official-formulation')]
@@ -59,6 +62,22 @@ def test_quick_pretrain_comparison(tmp_path, dtype):
         compiled = rows['sparse-compiled']['compile']
         assert compiled['graphs'] >= 1 and compiled['recompiles'] == 0  # new masks each step: no recompilation
         assert rows['sparse-compiled']['best_s'] > 0
+        # --profile: one more step per variant, split by op category; the categories add up to the total
+        for r in eager:
+            b = r['breakdown']
+            assert b['GEMM'] > 0 and b['optimizer'] > 0 and b['compiled kernels'] == 0
+            assert sum(v for k, v in b.items() if k != 'total') == pytest.approx(b['total'])
+        assert rows['sparse-compiled']['breakdown']['compiled kernels'] > 0
+        assert "Where a step's time goes" in text
+        ratios = dict(re.findall(r'^\| (sparse [^|]+) \| ([0-9.]+) \|$', text, re.M))
+        ref = rows['official-formulation']['best_s']
+        assert float(ratios['sparse compiled / sparse eager, fp32']) == pytest.approx(
+            rows['sparse-compiled']['best_s'] / rows['sparse']['best_s'], abs=0.006)
+        assert float(ratios['sparse (ours) fp32 step / official formulation (our reimplementation) fp32 step']) == \
+            pytest.approx(rows['sparse']['best_s'] / ref, abs=0.006)
+    else:  # no profile asked for; no fp32 rows to compare the bf16 step with
+        assert "Where a step's time goes" not in text and 'fp32 step |' not in text
+        assert 'sparse (ours) bf16 step / official formulation (our reimplementation) bf16 step' in text
 
 
 def test_quick_backbone_rows_from_the_det_and_seg_configs(tmp_path):
