@@ -23,7 +23,8 @@ One run measures, side by side and per device (CPU; CUDA too when available):
 Every variant runs in a fresh subprocess so that its memory figures are its own. The memory figure is the
 *per-step memory*: peak minus what is held between steps (CUDA: ``max_memory_allocated`` minus the allocation
 after the warm-up steps; CPU: peak RSS minus the RSS of the process with its weights before the first step plus
-the two AdamW moments). FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the first warm-up step.
+the two AdamW moments); next to it, what autograd saves for the backward (activations, allocator-independent).
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` on the first warm-up step.
 On CUDA the pretraining batch defaults to 128 images per GPU and throughput (img/s) is reported.
 """
 import argparse
@@ -134,6 +135,24 @@ OP_CATEGORIES = (
                                  'aten::fill_', 'aten::zero_', 'aten::clone', 'aten::stack', 'aten::constant_pad')),
     ('elementwise, norms, reductions', ('aten::',)),
 )
+
+
+def saved_for_backward_mb(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> float:
+    """MiB of the tensors autograd keeps for the backward of ``forward()`` (the activations; parameters, and
+    anything sharing their storage, excluded): the memory a step needs beyond weights, gradients and optimizer
+    state, independent of the allocator."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()  # the graph is dropped unused
+    return sum(storages.values()) / 2 ** 20
 
 
 def op_breakdown(step: Callable[[], None], device: str) -> Dict[str, float]:
@@ -329,6 +348,9 @@ def worker_pretrain(cfg: dict) -> dict:
                optimizer=f"{type(wrapper.optimizer).__name__}(fused={wrapper.optimizer.defaults.get('fused')})")
     if compiled:
         res['compile'] = stats.as_dict()
+    else:
+        with wrapper.optim_context(model):
+            res['saved_mb'] = saved_for_backward_mb(model, lambda: forward(imgs, masks[0]))
     if cfg.get('profile'):
         res['breakdown'] = op_breakdown(step, device)
     return res
@@ -423,12 +445,14 @@ def format_section(title: str, mem_name: str, rows: Sequence[Tuple[str, dict]],
                    reference: Optional[str] = None) -> str:
     """A markdown table of the variants; ratios (time, per-step memory) against the row named ``reference``."""
     ref = dict(rows).get(reference)
+    saved = any('saved_mb' in r for _, r in rows)
     head = (f'| variant | best s | median s | img/s | GFLOP/img | GFLOP/s | % of GEMM | peak {mem_name} MiB '
-            f'| per-step MiB | time / {reference or "-"} | per-step mem / {reference or "-"} |')
-    lines = [f'**{title}**', '', head, '|' + '---|' * 11]
+            f'| per-step MiB | time / {reference or "-"} | per-step mem / {reference or "-"} |'
+            + (f' saved for backward MiB | saved / {reference or "-"} |' if saved else ''))
+    lines = [f'**{title}**', '', head, '|' + '---|' * (13 if saved else 11)]
     for name, r in rows:
         if 'error' in r:
-            lines.append(f'| {LABELS.get(name, name)} | not run: {r["error"]} |' + ' |' * 9)
+            lines.append(f'| {LABELS.get(name, name)} | not run: {r["error"]} |' + ' |' * (11 if saved else 9))
             continue
         gf = (f"{r['gflop_per_item']:.3g} | {r['gflops_per_s']:.3g} | {r['pct_of_gemm']:.0f}%"
               if 'gflop_per_item' in r else '- | - | -')
@@ -439,6 +463,10 @@ def format_section(title: str, mem_name: str, rows: Sequence[Tuple[str, dict]],
         if 'compile' in r:
             c = r['compile']
             extra = f" ({c['graphs']} graphs, {c['graph_breaks']} graph breaks, {c['recompiles']} recompilations)"
+        if saved:
+            ratio += f" {r['saved_mb']:.0f} |" if 'saved_mb' in r else ' |'
+            ratio += (f" {r['saved_mb'] / ref['saved_mb']:.2f} |"
+                      if 'saved_mb' in r and ref is not None and ref.get('saved_mb') else ' |')
         lines.append(f"| {LABELS.get(name, name)}{extra} | {r['best_s']:.3f} | {r['median_s']:.3f} | "
                      f"{r['img_per_s']:.1f} | {gf} | {r['peak_mb']:.0f} | {r['step_mb']:.0f} {ratio}")
     return '\n'.join(lines)

@@ -58,6 +58,9 @@ def test_quick_pretrain_comparison(tmp_path, dtype):
     assert rows['official-formulation']['flops'] == pytest.approx(rows['dense']['flops'], rel=0.01)
     for r in eager:
         assert r['best_s'] > 0 and r['img_per_s'] > 0 and 0 < r['held_mb'] < r['peak_mb']
+    # activations kept for the backward: the sparse path keeps stage-1/2 activations of visible blocks only
+    assert 0 < rows['sparse']['saved_mb'] < 0.8 * rows['dense']['saved_mb']
+    assert 'saved for backward MiB' in text
     if dtype == 'fp32':
         compiled = rows['sparse-compiled']['compile']
         assert compiled['graphs'] >= 1 and compiled['recompiles'] == 0  # new masks each step: no recompilation
