@@ -249,6 +249,28 @@ def test_fused_attention_float32_flash_kernel():
     assert rel_err(attn(x, (12, 12)), explicit(x, (12, 12))) < 1e-5
 
 
+@pytest.mark.parametrize('rel_pos', ['none', 'decomposed', 'table', 'shared'])
+def test_fused_attention_runs_the_flash_kernel_in_float32(rel_pos):
+    """On CPU every kind of relative position bias reaches SDPA as a 4-D mask, so SDPA runs its flash kernel (a
+    3-D (heads, N, N) mask makes it fall back to the math kernel, which forms the (N, N) attention matrix), and
+    agrees with the explicit formulation."""
+    torch.manual_seed(5)
+    attn = Attention(64, 4, rel_pos='none' if rel_pos == 'shared' else rel_pos, rel_pos_size=(12, 12))
+    shared = RelativePositionBias((12, 12), 4) if rel_pos == 'shared' else None
+    with torch.no_grad():
+        for p in list(attn.parameters()) + (list(shared.parameters()) if shared else []):
+            p.normal_(std=0.5)
+    explicit = ExplicitAttention(64, 4, rel_pos=attn.rel_pos, rel_pos_size=(12, 12))
+    explicit.load_state_dict(attn.state_dict())
+    x = torch.randn(2, 144, 64)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        out = attn(x, (12, 12), shared=shared)
+    kernels = {e.key for e in prof.key_averages() if e.key.startswith('aten::_scaled_dot_product')}
+    assert kernels == {'aten::_scaled_dot_product_flash_attention_for_cpu'}
+    with torch.no_grad():
+        assert rel_err(out, explicit(x, (12, 12), shared=shared)) < 1e-5
+
+
 def test_conv_block_inference_slabs_equal_full_map(monkeypatch):
     """Eval-mode ConvBlock without autograd (MLP in slabs of rows, as for 1024x1024 backbone inputs) equals the
     autograd forward on the whole map."""

@@ -91,7 +91,9 @@ def table_bias(module: nn.Module, hw: Tuple[int, int], row_start: int = 0, rows:
     else:
         table = resize_relative_position_table(table, module.table_size, hw)
         index = relative_position_index(hw, row_start, rows, device=table.device)
-    return table.t()[:, index]
+    # index_select on the contiguous (heads, entries) table: faster than advanced indexing, forward and backward
+    heads = table.shape[1]
+    return table.t().contiguous().index_select(1, index.reshape(-1)).reshape(heads, index.shape[0], index.shape[1])
 
 
 class RelativePositionBias(nn.Module):
@@ -201,11 +203,12 @@ class Attention(nn.Module):
                   out: Optional[Tensor] = None, shared: Optional[RelativePositionBias] = None
                   ) -> Optional[Tensor]:
         """Additive attention mask for the queries ``q`` (B, heads, rows*w, d): relative position bias (decomposed
-        (B, heads, rows*w, N), or from a table (heads, rows*w, N)) plus key padding (-inf)."""
+        (B, heads, rows*w, N), or from a table (1, heads, rows*w, N)) plus key padding (-inf)."""
         if self.rel_pos == 'decomposed':
             bias = self.rel_pos_bias(q, hw, row_start, out)
         elif self.rel_pos == 'table' or shared is not None:
-            bias = table_bias(self if shared is None else shared, hw, row_start, q.shape[2] // hw[1])
+            # (1, heads, rows*w, N): with a 3-D mask CPU SDPA falls back from flash to its math kernel
+            bias = table_bias(self if shared is None else shared, hw, row_start, q.shape[2] // hw[1])[None]
         else:
             bias = None
         if pad is None:
