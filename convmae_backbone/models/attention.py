@@ -81,7 +81,7 @@ def _init_table(module: nn.Module, size: Tuple[int, int], num_heads: int) -> Non
 
 
 def table_bias(module: nn.Module, hw: Tuple[int, int], row_start: int = 0, rows: Optional[int] = None) -> Tensor:
-    """Additive bias (heads, rows*w, h*w) from ``module``'s BEiT table for the query rows ``row_start ..`` of a
+    """Additive bias (1, heads, rows*w, h*w) from ``module``'s BEiT table for the query rows ``row_start ..`` of a
     (h, w) grid; the table is resized when the grid is not the one it was built for."""
     h, w = hw
     rows = h - row_start if rows is None else rows
@@ -91,9 +91,10 @@ def table_bias(module: nn.Module, hw: Tuple[int, int], row_start: int = 0, rows:
     else:
         table = resize_relative_position_table(table, module.table_size, hw)
         index = relative_position_index(hw, row_start, rows, device=table.device)
-    # index_select on the contiguous (heads, entries) table: faster than advanced indexing, forward and backward
+    # index_select on the contiguous (heads, entries) table: faster than advanced indexing, forward and backward;
+    # 4-D, because with a 3-D mask CPU SDPA falls back from its flash kernel to the math kernel
     heads = table.shape[1]
-    return table.t().contiguous().index_select(1, index.reshape(-1)).reshape(heads, index.shape[0], index.shape[1])
+    return table.t().contiguous().index_select(1, index.reshape(-1)).reshape(1, heads, index.shape[0], index.shape[1])
 
 
 class RelativePositionBias(nn.Module):
@@ -110,7 +111,7 @@ class RelativePositionBias(nn.Module):
         _init_table(self, size, num_heads)
 
     def forward(self, hw: Tuple[int, int], row_start: int = 0, rows: Optional[int] = None) -> Tensor:
-        """Bias (heads, rows*w, h*w) for the query rows ``row_start ..`` of a (h, w) grid."""
+        """Bias (1, heads, rows*w, h*w) for the query rows ``row_start ..`` of a (h, w) grid."""
         return table_bias(self, hw, row_start, rows)
 
     def extra_repr(self) -> str:
@@ -207,8 +208,7 @@ class Attention(nn.Module):
         if self.rel_pos == 'decomposed':
             bias = self.rel_pos_bias(q, hw, row_start, out)
         elif self.rel_pos == 'table' or shared is not None:
-            # (1, heads, rows*w, N): with a 3-D mask CPU SDPA falls back from flash to its math kernel
-            bias = table_bias(self if shared is None else shared, hw, row_start, q.shape[2] // hw[1])[None]
+            bias = table_bias(self if shared is None else shared, hw, row_start, q.shape[2] // hw[1])
         else:
             bias = None
         if pad is None:

@@ -10,7 +10,7 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .masking import BlockMask, conv_as_linear, masked_depthwise_conv
+from .masking import BlockMask, conv_as_linear, linear_weight, masked_depthwise_conv
 from .utils import gelu_linear
 
 
@@ -38,8 +38,7 @@ class PointwiseMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = self.fc2.weight.view(self.fc2.out_channels, -1)
-        return gelu_linear(conv_as_linear(self.fc1, x), weight, self.fc2.bias)
+        return gelu_linear(conv_as_linear(self.fc1, x), linear_weight(self.fc2), self.fc2.bias)
 
 
 class ConvBlock(nn.Module):

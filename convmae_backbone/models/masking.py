@@ -164,8 +164,9 @@ class SparseDepthwiseConv(torch.autograd.Function):
     backward that is cheaper than autograd's: the input gradient is the conv of the scattered output gradient
     with the flipped kernel (a forward convolution), and the weight gradient sums, for each of the k*k kernel
     offsets, output gradient x input over the visible blocks only, from the (S+k-1)^2 input window of every
-    block (on CPU, oneDNN's weight gradient of a depthwise conv over the whole map is many times slower than its
-    forward, in bf16 even more so). Accumulates in at least fp32; input and output keep the input's dtype.
+    block, rebuilt from the saved sparse input (only x is kept, not its dense map). On CPU, oneDNN's weight
+    gradient of a depthwise conv over the whole map is many times slower than its forward, in bf16 even more so.
+    Accumulates in at least fp32; input and output keep the input's dtype.
     """
 
     @staticmethod
@@ -231,10 +232,16 @@ def conv_as_linear(conv: nn.Conv2d, x: Tensor) -> Tensor:
     ``conv`` on the corresponding NCHW map. The weight (C_out, C_in, k, k) is used as (C_out, k*k*C_in).
     """
     k = conv.kernel_size[0]
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
+    weight = linear_weight(conv)
     if k == 1:
         return F.linear(x, weight, conv.bias)
     return F.linear(split_blocks(x, k).flatten(-3), weight, conv.bias)
+
+
+def linear_weight(conv: nn.Conv2d) -> Tensor:
+    """The (C_out, C_in, k, k) weight of a kernel == stride Conv2d as the (C_out, k*k*C_in) matrix that
+    :func:`conv_as_linear` multiplies channels-last patches with (a view for k = 1)."""
+    return conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)
 
 
 def random_mask(batch: int, num_tokens: int, mask_ratio: float, device=None,
