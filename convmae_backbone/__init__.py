@@ -1,19 +1,25 @@
-"""ConvMAE (MCMAE) for mmengine, mmdet 3.x and mmseg 1.x.
+"""ConvMAE (MCMAE) for mmengine, mmdet 3.x, mmseg 1.x and mmpretrain 1.x.
 
-``import convmae_backbone`` registers its components in the OpenMMLab registries and routes mmengine's local
-checkpoint loading through our safe loader (:func:`registry.register_all`).
+``import convmae_backbone`` registers its components in the OpenMMLab registries (each class where it is
+defined, :mod:`.registry`) and routes mmengine's local checkpoint loading through our safe loader
+(:func:`.checkpoint.register_safe_mmengine_loader`).
+
+Rooms: :mod:`.models` (layers, encoder, backbone, pretrainer, weights), :mod:`.datasets` (dataset, transforms,
+sampler), :mod:`.engine` (hooks, optimizer constructor, mixed precision, distributed), :mod:`.apis` (command-line
+logic, conversion, export, deployment, visualisation), :mod:`.checkpoint` (checkpoint files), :mod:`.testing`
+(synthetic data and tiny configs for tests and the demo).
 """
-from .checkpoint import CheckpointError, safe_torch_load
-from .data import ImageFolderDataset, SeededSampler
-from .engine import AtomicCheckpointHook, NonFiniteLossHook, ReseedHook
+from .checkpoint import CheckpointError, register_safe_mmengine_loader, safe_torch_load
+from .datasets import ImageFolderDataset, SeededSampler
+from .engine import AtomicCheckpointHook, ConvMAELayerDecayOptimWrapperConstructor, NonFiniteLossHook, ReseedHook
 from .models import BlockMask, ConvMAE, ConvMAEPretrainer, ConvViT
 from .models.weights import load_pretrained
-from .optim import ConvMAELayerDecayOptimWrapperConstructor
-from .registry import register_all
 
 __version__ = '0.1.0'
 
-register_all()
+# At import, because configs load us through custom_imports, the only hook that runs before the Runner reads
+# `load_from` / `--resume` checkpoints (which mmengine 0.10's own loader refuses under torch >= 2.6).
+register_safe_mmengine_loader()
 
 __all__ = ['ConvMAE', 'ConvMAEPretrainer', 'ConvViT', 'BlockMask', 'CheckpointError', 'load_pretrained',
            'safe_torch_load', 'ConvMAELayerDecayOptimWrapperConstructor', 'ImageFolderDataset', 'SeededSampler',

@@ -1,4 +1,4 @@
-"""Safe checkpoint reading (adapting the weights to a model is ``models.weights``).
+"""Checkpoint files: safe reading and atomic writing (adapting the weights to a model is ``models.weights``).
 
 Every file is read with ``torch.load(weights_only=True)``. Checkpoints written by mmengine or the official
 code hold a few non-tensor objects (numpy arrays in the message hub, ``argparse.Namespace`` args); those
@@ -6,8 +6,11 @@ classes, and only those, are allow-listed for the one load that needs them.
 """
 import importlib
 import os
+import os.path as osp
 import pickle
+import tempfile
 import zipfile
+from typing import Callable, Union
 
 import torch
 
@@ -123,3 +126,31 @@ def register_safe_mmengine_loader() -> None:
         return safe_torch_load(filename, map_location=map_location)
 
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable, mode: str = 'wb') -> None:
+    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``.
+
+    If anything fails (or the process dies) before the rename, ``path`` keeps its previous content.
+    """
+    path = os.fspath(path)
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,4 +1,6 @@
-"""Helpers shared by several test modules: tiny pretraining configs and images to train them on."""
+"""Helpers shared by several test modules: tiny pretraining configs, images to train them on, the applications."""
+import importlib
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -8,8 +10,17 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-b_8xb128-1600e_in1k.py'
 DEMO_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-tiny_demo.py'
+TOOLS = ROOT / 'tools'
 TINY_ARCH = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, decoder_embed_dim=64, decoder_depth=1,
                  decoder_num_heads=4)
+
+
+def load_tool(name: str):
+    """The application ``tools/<name>.py`` (the demo, the benchmark) as a module named ``name``, as the tools
+    import each other (their folder on ``sys.path``)."""
+    if str(TOOLS) not in sys.path:
+        sys.path.insert(0, str(TOOLS))
+    return importlib.import_module(name)
 
 
 def make_images(root: Path, n: int = 8, size: int = 40, seed: int = 0) -> Path:

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from mmengine.optim import AmpOptimWrapper, OptimWrapper, build_optim_wrapper
 
 import convmae_backbone  # noqa: F401
-from convmae_backbone import ConvMAEPretrainer, cli
-from convmae_backbone.amp import BF16OptimWrapper, amp_optim_wrapper
+from convmae_backbone import ConvMAEPretrainer, testing
+from convmae_backbone.apis import cli
+from convmae_backbone.engine.amp import BF16OptimWrapper, amp_optim_wrapper
 from convmae_backbone.models.attention import CPU_MATH_MAX_KEYS, sdpa
 from convmae_backbone.models.masking import random_mask
 from conftest import max_rel_err
@@ -149,7 +150,7 @@ def test_amp_flag_runs_bf16_on_cpu_through_the_runner(tmp_path):
 
 def test_amp_for_detection_is_fp16_on_cuda_and_refused_on_cpu(monkeypatch):
     from mmengine.config import Config
-    from convmae_backbone.amp import apply_amp
+    from convmae_backbone.engine.amp import apply_amp
     cfg = Config(dict(default_scope='mmdet', optim_wrapper=dict(PLAIN, type='AmpOptimWrapper')))
     with pytest.raises(RuntimeError, match=r"no mixed precision available on device 'cpu' without bf16 \(mmdet: "
                                            r"mmcv's detection ops \(nms, RoIAlign\) have float and half kernels"):
@@ -167,12 +168,11 @@ def test_amp_flag_fine_tunes_segmentation_in_bf16_on_cpu(tmp_path):
     import subprocess
     import sys
 
-    from convmae_backbone import demo
     from helpers import ROOT
     backbone = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
     work = str(tmp_path / 'work')
-    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=2, num_val=1, size=(64, 80))
-    cfg = demo.tiny_seg_config(data, work, backbone, max_iters=3)
+    data = testing.write_ade_dataset(str(tmp_path / 'ade'), num_train=2, num_val=1, size=(64, 80))
+    cfg = testing.tiny_seg_config(data, work, backbone, max_iters=3)
     cfg.optim_wrapper.type = 'AmpOptimWrapper'  # as in the full config
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     config = str(tmp_path / 'tiny.py')

@@ -1,19 +1,17 @@
-"""convmae_backbone.benchmark: its FLOP counting, a quick smoke run of the pretraining comparison (eager, compiled,
+"""tools/benchmark.py: its FLOP counting, a quick smoke run of the pretraining comparison (eager, compiled,
 fp32 and bf16) and a clear report when the official code cannot be used."""
 import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 from typing import Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT, load_tool
 
-from convmae_backbone import benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
+benchmark = load_tool('benchmark')
 
 
 @pytest.mark.parametrize('groups', [1, 8])

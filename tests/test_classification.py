@@ -19,7 +19,7 @@ import convmae_backbone  # noqa: F401
 from conftest import max_rel_err
 from convmae_backbone import ConvMAEPretrainer
 from convmae_backbone.checkpoint import safe_torch_load
-from convmae_backbone.convert import convert
+from convmae_backbone.apis.convert import convert
 from mmpretrain.registry import MODELS, OPTIM_WRAPPERS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))

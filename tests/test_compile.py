@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from convmae_backbone import ConvMAE, ConvMAEPretrainer, cli
+from convmae_backbone import ConvMAE, ConvMAEPretrainer
+from convmae_backbone.apis import cli
 from convmae_backbone.models.masking import random_mask
 from conftest import max_rel_err
 from helpers import make_images, write_tiny_config

@@ -18,7 +18,7 @@ from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
 from convmae_backbone.checkpoint import CheckpointError, safe_torch_load
-from convmae_backbone.convert import convert, convert_cls, convert_det, convert_seg, model_state
+from convmae_backbone.apis.convert import convert, convert_cls, convert_det, convert_seg, model_state
 from helpers import sync_bn_to_bn
 
 REPO = Path(__file__).resolve().parents[1]

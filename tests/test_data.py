@@ -10,7 +10,7 @@ from mmengine.registry import DATASETS
 from PIL import Image
 
 import convmae_backbone  # noqa: F401  (registers the dataset and transforms)
-from convmae_backbone.data import LoadRGBImage, list_images, to_rgb8
+from convmae_backbone.datasets import LoadRGBImage, list_images, to_rgb8
 
 PIPELINE = [dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', size=32, scale=(0.2, 1.0)),
             dict(type='MAERandomFlip', prob=0.5), dict(type='PackMAEInputs')]
@@ -127,7 +127,7 @@ def test_missing_and_empty_data_root_fail_naming_the_path(tmp_path):
 
 
 def test_demo_images_are_real_photos(tmp_path):
-    from convmae_backbone.demo import DEMO_PHOTOS, write_demo_images
+    from convmae_backbone.testing import DEMO_PHOTOS, write_demo_images
     n = write_demo_images(str(tmp_path), views_per_photo=2, size=48, seed=1)
     assert n == 2 * len(DEMO_PHOTOS)
     files = list_images(str(tmp_path / 'train'))

@@ -9,8 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from convmae_backbone import demo
-from convmae_backbone.visualization import COLUMNS, UNTRAINED_COLUMN, label_height
+from helpers import load_tool
+
+from convmae_backbone import testing
+from convmae_backbone.apis.visualization import COLUMNS, UNTRAINED_COLUMN, label_height
+
+demo = load_tool('demo')
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -80,11 +84,11 @@ def test_demo_end_to_end_small(tmp_path, capfd, monkeypatch):
 
 def test_finetune_demo_draws_detection_and_segmentation_of_a_photograph(tmp_path, capfd, monkeypatch):
     monkeypatch.setenv('OMP_NUM_THREADS', '1')  # the train tools' subprocesses, as in the demo
-    from convmae_backbone.export import encoder_state_dict
+    from convmae_backbone.apis.export import encoder_state_dict
     from mmengine.config import Config
     from mmengine.registry import MODELS
     torch.manual_seed(0)
-    model_cfg = Config.fromfile(demo.DEMO_CONFIG).model
+    model_cfg = Config.fromfile(testing.DEMO_CONFIG).model
     model_cfg.update(embed_dims=(16, 32, 64), depths=(1, 1, 2), num_heads=2, decoder_depth=1)
     backbone = tmp_path / 'backbone.pth'
     torch.save(encoder_state_dict(MODELS.build(model_cfg).state_dict()), backbone)

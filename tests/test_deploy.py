@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from convmae_backbone import deploy
+from convmae_backbone.apis import deploy
 from convmae_backbone.models import ConvMAE
 from convmae_backbone.models.attention import Attention
 

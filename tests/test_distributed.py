@@ -58,7 +58,7 @@ def test_pretraining_two_processes_match_one(tmp_path):
 
 
 def _sync_bn_worker(rank: int, world: int, init_file: str, x: torch.Tensor, w: torch.Tensor, out_dir: str) -> None:
-    from convmae_backbone.distributed import CPUSyncBatchNorm
+    from convmae_backbone.engine.distributed import CPUSyncBatchNorm
     torch.distributed.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
     bn = CPUSyncBatchNorm(x.shape[1], momentum=0.3)
     with torch.no_grad():
@@ -96,10 +96,10 @@ def test_sync_bn_on_cpu_equals_batch_norm_of_the_global_batch(tmp_path):
 def test_segmentation_finetune_with_sync_bn_two_processes_match_one(tmp_path):
     """mmseg UperNet with SyncBN heads through tools/train.py and tools/dist_train.sh (gloo): 2 epochs of 8
     images, 2 processes x 2 images per iteration = 1 process x 4, weights and BN statistics."""
-    from convmae_backbone import demo
-    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=8, num_val=1, size=(64, 80))
+    from convmae_backbone import testing
+    data = testing.write_ade_dataset(str(tmp_path / 'ade'), num_train=8, num_val=1, size=(64, 80))
     backbone = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
-    cfg = demo.tiny_seg_config(data, str(tmp_path / 'unused'), backbone, checkpoint=None, max_iters=4)  # batch 2
+    cfg = testing.tiny_seg_config(data, str(tmp_path / 'unused'), backbone, checkpoint=None, max_iters=4)  # batch 2
     sync_bn = dict(type='SyncBN', requires_grad=True)
     for head in (cfg.model.decode_head, cfg.model.auxiliary_head):
         head.update(norm_cfg=sync_bn, dropout_ratio=0.0)  # BN statistics over the global batch; no dropout

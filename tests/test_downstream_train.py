@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from convmae_backbone import ConvMAE, ConvMAEPretrainer, demo
+from convmae_backbone import ConvMAE, ConvMAEPretrainer, testing
 from convmae_backbone.checkpoint import safe_torch_load
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -41,18 +41,18 @@ def _ok(proc):
 
 def test_mask_rcnn_finetune_eval_and_checkpoint_roundtrip(tmp_path, pretrained):
     ckpt, pre_state = pretrained
-    data = demo.write_coco_dataset(str(tmp_path / 'coco'), num_train=4, num_val=2, size=(96, 96))
+    data = testing.write_coco_dataset(str(tmp_path / 'coco'), num_train=4, num_val=2, size=(96, 96))
     work = str(tmp_path / 'work')
     os.makedirs(work)
     # The config names a missing file; the command line supplies the real one, as documented in the config.
-    cfg = demo.tiny_det_config(data, work, BACKBONE, checkpoint='/nonexistent/backbone.pth', image_size=96,
+    cfg = testing.tiny_det_config(data, work, BACKBONE, checkpoint='/nonexistent/backbone.pth', image_size=96,
                                max_epochs=1)
     config = osp.join(work, 'mask_rcnn_tiny.py')
     cfg.dump(config)
-    log = _ok(demo.run_train_tool('mmdet', config, work,
+    log = _ok(testing.run_train_tool('mmdet', config, work,
                                   ['--cfg-options', f'model.backbone.init_cfg.checkpoint={ckpt}']))
     assert f'ConvMAE weights from {ckpt}' in log
-    metrics = demo.read_val_metrics(work)
+    metrics = testing.read_val_metrics(work)
     for key in ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/segm_mAP', 'coco/segm_mAP_50'):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics)
 
@@ -76,15 +76,15 @@ def test_mask_rcnn_finetune_eval_and_checkpoint_roundtrip(tmp_path, pretrained):
 
 def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
     ckpt, pre_state = pretrained
-    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=2, size=(80, 96))
+    data = testing.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=2, size=(80, 96))
     work = str(tmp_path / 'work')
     os.makedirs(work)
-    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=ckpt, max_iters=4)
+    cfg = testing.tiny_seg_config(data, work, BACKBONE, checkpoint=ckpt, max_iters=4)
     config = osp.join(work, 'upernet_tiny.py')
     cfg.dump(config)
-    log = _ok(demo.run_train_tool('mmseg', config, work))
+    log = _ok(testing.run_train_tool('mmseg', config, work))
     assert f'ConvMAE weights from {ckpt}' in log
-    metrics = demo.read_val_metrics(work)
+    metrics = testing.read_val_metrics(work)
     for key in ('mIoU', 'aAcc', 'mAcc'):
         assert 0.0 <= metrics[key] <= 100.0, (key, metrics)
 
@@ -108,7 +108,7 @@ def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
 
 
 def _tiny_seg_resume_config(tmp_path, data, work):
-    cfg = demo.tiny_seg_config(data, work, BACKBONE, checkpoint=None, max_iters=6)
+    cfg = testing.tiny_seg_config(data, work, BACKBONE, checkpoint=None, max_iters=6)
     # Deterministic: no dropout (its torch RNG draws are not replayed on resume), no validation.
     cfg.model.decode_head.dropout_ratio = 0.0
     cfg.model.auxiliary_head.dropout_ratio = 0.0
@@ -123,7 +123,7 @@ def _tiny_seg_resume_config(tmp_path, data, work):
 def test_upernet_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     """mmseg's train tool, killed (SIGKILL) after a checkpoint and resumed with --resume, ends with exactly the
     weights of an uninterrupted run (made with this project's tools/train.py)."""
-    data = demo.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=1, size=(80, 96))
+    data = testing.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=1, size=(80, 96))
     full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
     os.makedirs(full)
     os.makedirs(killed)
@@ -151,7 +151,7 @@ def test_upernet_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     interrupted_at = at_kill['meta']['iter']
     assert 2 <= interrupted_at < 6
 
-    log = _ok(demo.run_train_tool('mmseg', config, killed, ['--resume']))
+    log = _ok(testing.run_train_tool('mmseg', config, killed, ['--resume']))
     assert f'resumed epoch: 0, iter: {interrupted_at}' in log
     resumed = safe_torch_load(osp.join(killed, 'iter_6.pth'))
     reference = safe_torch_load(osp.join(full, 'iter_6.pth'))

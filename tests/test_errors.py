@@ -11,9 +11,9 @@ from helpers import ROOT, TINY_ARCH
 from mmengine.registry import MODELS
 from PIL import Image
 
-from convmae_backbone import cli, visualization
+from convmae_backbone.apis import cli, visualization
 from convmae_backbone.checkpoint import CheckpointError, safe_torch_load
-from convmae_backbone.export import encoder_state_dict, export_backbone
+from convmae_backbone.apis.export import encoder_state_dict, export_backbone
 
 
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:

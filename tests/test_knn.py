@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import convmae_backbone  # noqa: F401
-from convmae_backbone.knn import (KNNMonitorHook, gather_features, knn_scores, list_labelled_images,
+from convmae_backbone.engine.knn import (KNNMonitorHook, gather_features, knn_scores, list_labelled_images,
                                   plot_knn_curve, read_knn_curve, topk_accuracy)
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -145,7 +145,7 @@ def test_hook_under_two_gloo_processes_equals_one_process(tmp_path):
 
 def test_hook_features_are_the_encoder_stage3_mean(tmp_path):
     """The hook's bank features are the L2-normalised mean of forward_features' stage-3 map of the eval view."""
-    from convmae_backbone.knn import encoder_features, load_eval_image
+    from convmae_backbone.engine.knn import encoder_features, load_eval_image
     root = _write_folder(str(tmp_path / 'data'), per_class=(2, 1))
     model = _tiny_pretrainer().eval()
     paths, labels, classes = list_labelled_images(osp.join(root, 'train'))
@@ -181,7 +181,7 @@ def test_bad_folders_are_named(tmp_path):
 def test_hook_in_tiny_demo_pretraining_logs_knn_and_draws_curve(tmp_path):
     """tools/pretrain.py on the demo config (its KNNMonitorHook follows the training data root): k-NN accuracy
     logged before training and after the last epoch (3), then drawn as a PNG."""
-    from convmae_backbone.demo import write_demo_images
+    from convmae_backbone.testing import write_demo_images
     images = str(tmp_path / 'images')
     write_demo_images(images, views_per_photo=3, size=64, seed=0, val_views_per_photo=2)
     work = str(tmp_path / 'work')

@@ -1,4 +1,4 @@
-"""Pretraining (tools/pretrain.py, i.e. convmae_backbone.cli) on mmengine's Runner: configs, command-line
+"""Pretraining (tools/pretrain.py, i.e. convmae_backbone.apis.cli) on mmengine's Runner: configs, command-line
 options, overrides, a short run, export and reload of the backbone, its reconstructions."""
 from argparse import ArgumentParser
 
@@ -10,10 +10,10 @@ from mmengine.config import Config
 from mmengine.registry import MODELS
 from PIL import Image
 
-from convmae_backbone import cli
+from convmae_backbone.apis import cli
 from convmae_backbone.checkpoint import safe_torch_load
-from convmae_backbone.export import export_backbone
-from convmae_backbone.visualization import label_height, visualize
+from convmae_backbone.apis.export import export_backbone
+from convmae_backbone.apis.visualization import label_height, visualize
 
 
 def pretrain_config(argv):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import ROOT, make_images, write_tiny_config
 
-from convmae_backbone import cli
+from convmae_backbone.apis import cli
 from convmae_backbone.checkpoint import safe_torch_load
-from convmae_backbone.engine import NonFiniteLossHook, atomic_write
+from convmae_backbone.engine.hooks import NonFiniteLossHook, atomic_write
 from convmae_backbone.models import ConvMAEPretrainer
 
 PRETRAIN = str(ROOT / 'tools' / 'pretrain.py')

@@ -8,7 +8,8 @@ from PIL import Image
 
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAEPretrainer
-from convmae_backbone.models.masking import RandomBlockMask, batch_masks
+from convmae_backbone.datasets.transforms import RandomBlockMask
+from convmae_backbone.models.masking import batch_masks
 
 PIPELINE = [dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', size=64),
             dict(type='MAERandomFlip', prob=0.5), dict(type='RandomBlockMask', input_size=64, mask_ratio=0.75),

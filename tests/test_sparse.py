@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from convmae_backbone.models import BlockMask, ConvMAEPretrainer
 from convmae_backbone.models.attention import Attention, RelativePositionBias, TransformerBlock
 from convmae_backbone.models.conv_blocks import ConvBlock
-from convmae_backbone.models.masking import SparseDepthwiseConv, masked_depthwise_conv, random_mask
+from convmae_backbone.models.masking import random_mask
+from convmae_backbone.models.sparse_conv import SparseDepthwiseConv, masked_depthwise_conv
 from convmae_backbone.models.reference import ExplicitAttention, with_explicit_attention
 from convmae_backbone.models.utils import GeluLinear, gelu_linear
 

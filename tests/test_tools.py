@@ -6,13 +6,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_ARCH, write_tiny_config
+from helpers import TINY_ARCH, load_tool, write_tiny_config
 from mmengine.registry import MODELS
 from PIL import Image
 
-from convmae_backbone import visualization
+from convmae_backbone.apis import visualization
 from convmae_backbone.checkpoint import CheckpointError
-from convmae_backbone.export import export_backbone
+from convmae_backbone.apis.export import export_backbone
 
 
 def tiny_model(norm_pix: bool = True):
@@ -74,7 +74,7 @@ def test_export_rejects_non_convmae_checkpoint(tmp_path):
 
 
 def test_load_config_applies_the_shared_options(tmp_path):
-    from convmae_backbone.cli import load_config
+    from convmae_backbone.apis.cli import load_config
     cfg_file = tmp_path / 'my_cfg.py'
     cfg_file.write_text("default_scope = 'mmseg'\nmodel = dict(type='X', depth=2)\n")
     cfg = load_config(str(cfg_file), {'model.depth': 5}, 'pytorch', scopes=('mmdet', 'mmseg'))
@@ -89,7 +89,7 @@ def _training_config(argv, scopes=('mmengine', 'mmseg')):
     """The config a training tool accepting ``scopes`` runs for the command line ``argv``."""
     from argparse import ArgumentParser
 
-    from convmae_backbone import cli
+    from convmae_backbone.apis import cli
     return cli.config_from_args(cli.parse_args(cli.add_common_args(ArgumentParser()), argv), scopes)
 
 
@@ -122,8 +122,8 @@ def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
 def test_downstream_configs_take_the_training_options():
     from helpers import BASE_CFG
 
-    from convmae_backbone.cli import DOWNSTREAM_SCOPES
-    from convmae_backbone.demo import DET_CONFIG, SEG_CONFIG
+    from convmae_backbone.apis.cli import DOWNSTREAM_SCOPES
+    from convmae_backbone.testing import DET_CONFIG, SEG_CONFIG
     cfg = _training_config([DET_CONFIG, '--auto-scale-lr', '--resume', 'x/epoch_3.pth'], DOWNSTREAM_SCOPES)
     assert cfg.auto_scale_lr == dict(enable=True, base_batch_size=32) and cfg.load_from == 'x/epoch_3.pth'
     with pytest.raises(ValueError, match=osp.basename(SEG_CONFIG) + ' has no auto_scale_lr.base_batch_size'):
@@ -137,7 +137,7 @@ def test_build_runner_takes_runner_type_from_the_scope_registry(tmp_path):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    from convmae_backbone.cli import build_runner, load_config
+    from convmae_backbone.apis.cli import build_runner, load_config
 
     class MarkedRunner(Runner):
         pass
@@ -177,8 +177,9 @@ def test_tool_command_lines(tmp_path):
 def test_demo_reads_the_backbone_architecture_of_a_checkpoint(tmp_path, capsys):
     from mmengine.config import Config
 
-    from convmae_backbone.demo import DEMO_CONFIG, checkpoint_arch
-    from convmae_backbone.export import encoder_state_dict
+    from convmae_backbone.testing import DEMO_CONFIG
+    checkpoint_arch = load_tool('demo').checkpoint_arch
+    from convmae_backbone.apis.export import encoder_state_dict
     demo_model = Config.fromfile(DEMO_CONFIG).model
     arch = {k: demo_model[k] for k in ('img_size', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios')}
     state = MODELS.build(dict(type='ConvMAEPretrainer', **arch, decoder_embed_dim=32, decoder_depth=1,

@@ -5,7 +5,7 @@
 det: the ConvMAE-B Mask R-CNN (detectron2) -> configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py
 seg: the ConvMAE-B UperNet (mmseg 0.x)     -> configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py
 cls: the fine-tuned ConvMAE-B classifier   -> the mmpretrain fine-tuning config
-The logic is convmae_backbone.convert.
+The logic is convmae_backbone.apis.convert.
 """
 import argparse
 import os.path as osp
@@ -13,8 +13,8 @@ import sys
 from typing import List, Optional
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-from convmae_backbone.cli import run_tool  # noqa: E402
-from convmae_backbone.convert import KINDS, convert  # noqa: E402
+from convmae_backbone.apis.cli import run_tool  # noqa: E402
+from convmae_backbone.apis.convert import KINDS, convert  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -26,7 +26,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     report = convert(args.kind, args.src, args.dst)
     n = len(report['dropped'])
-    dropped = f', dropped {n} keys the target model rebuilds (see convmae_backbone.convert)' if n else ''
+    dropped = f', dropped {n} keys the target model rebuilds (see convmae_backbone.apis.convert)' if n else ''
     print(f'wrote {report["converted"]} tensors to {args.dst}{dropped}')
 
 

@@ -6,7 +6,7 @@ Writes a tiny COCO-layout instance-segmentation dataset and a tiny ADE20K-layout
 dataset, derives small Mask R-CNN and UperNet configs from the two full configs in configs/, trains each for a
 few iterations from the backbone weights with mmdet's / mmseg's own train tools, evaluates, runs both on a
 scikit-image photograph through DetInferencer / MMSegInferencer (WORK_DIR/detection.png, segmentation.png),
-and prints bbox/segm mAP and mIoU (:func:`convmae_backbone.demo.finetune_demo`). The backbone architecture is read from
+and prints bbox/segm mAP and mIoU (:func:`demo.finetune_demo` in tools/demo.py). The backbone architecture is read from
 the checkpoint's shapes; the number of heads from ``--num-heads``, else from the config the checkpoint
 records, else from the configs/pretrain/ config with the same architecture.
 """
@@ -15,8 +15,8 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
-from convmae_backbone.cli import run_tool  # noqa: E402
-from convmae_backbone.demo import finetune_demo  # noqa: E402
+from convmae_backbone.apis.cli import run_tool  # noqa: E402
+from demo import finetune_demo  # noqa: E402  (tools/demo.py, beside this script)
 
 if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])

@@ -12,7 +12,7 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
-from convmae_backbone import cli  # noqa: E402
+from convmae_backbone.apis import cli  # noqa: E402
 
 if __name__ == '__main__':
     cli.run_tool(cli.train)

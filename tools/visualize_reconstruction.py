@@ -14,8 +14,8 @@ import os.path as osp
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout without installing
-from convmae_backbone.cli import run_tool  # noqa: E402
-from convmae_backbone.visualization import visualize  # noqa: E402
+from convmae_backbone.apis.cli import run_tool  # noqa: E402
+from convmae_backbone.apis.visualization import visualize  # noqa: E402
 
 
 def main() -> None:

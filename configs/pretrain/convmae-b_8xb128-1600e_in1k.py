@@ -18,7 +18,7 @@
 # checkpoint with non-finite weights is written (NonFiniteLossHook); `--resume` continues from the last epoch
 # checkpoint with the same crops, flips and masks as an uninterrupted run (SeededSampler + RandomBlockMask;
 # mmengine resumes at epoch boundaries, so keep checkpoints by epoch). `--amp`: bf16 autocast where the device
-# has it (CPU, Ampere+ GPUs), else fp16 with dynamic loss scaling (convmae_backbone.amp).
+# has it (CPU, Ampere+ GPUs), else fp16 with dynamic loss scaling (convmae_backbone.engine.amp).
 data_root = 'data/imagenet/'  # train/<class>/*.JPEG, or any (flat or nested) folder of images
 img_size = 224
 mask_ratio = 0.75  # the model's and the pipeline's (RandomBlockMask draws each sample's mask)
@@ -95,7 +95,7 @@ custom_hooks = [
     dict(type='PlainParamGroupsHook'),  # lets `--cfg-options compile=True` (torch.compile) trace the optimizer
 ]
 # Online k-NN monitor (off here): every 20 epochs, weighted k-NN (k 20, T 0.07) of the encoder's pooled features
-# on a labelled folder <root>/{train,val}/<class>/*, logged as knn/top1 and knn/top5 (convmae_backbone/knn.py).
+# on a labelled folder <root>/{train,val}/<class>/*, logged as knn/top1 and knn/top5 (convmae_backbone/engine/knn.py).
 # Every image of both splits is embedded each time: use a subset of ImageNet (a few dozen images per class).
 # custom_hooks.append(dict(type='KNNMonitorHook', data_root='data/imagenet_knn', interval=20))
 

@@ -1,5 +1,5 @@
 # A small ConvMAE pretrained for a few minutes on CPU on views of the photographs shipped with scikit-image
-# (written by tools/demo.py, or convmae_backbone.demo.write_demo_images). Same recipe as the base config,
+# (written by tools/demo.py, or convmae_backbone.testing.write_demo_images). Same recipe as the base config,
 # scaled down: 128x128 inputs (8x8 patches of 16 px, 16 visible), tiny dims, higher lr, 12 epochs of 17
 # iterations. The k-NN monitor asks "which photograph is this crop from?": the train/ views are its memory
 # bank, the val/ views its queries; knn/top1 is logged before training and every 4 epochs.

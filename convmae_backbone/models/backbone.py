@@ -4,9 +4,14 @@ from typing import Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import safe_torch_load
+from ..registry import register
+from .arch import check_arch, infer_arch
 from .convvit import ConvViT
+from .weights import extract_state_dict
 
 
+@register('MODELS', downstream=True)
 class ConvMAE(ConvViT):
     """ConvMAE (MCMAE) multi-scale backbone for detection and segmentation.
 
@@ -72,9 +77,6 @@ class ConvMAE(ConvViT):
     @staticmethod
     def _arch_from_checkpoint(arch: str, kwargs: dict) -> dict:
         """``kwargs`` completed with the architecture of ``init_cfg``'s checkpoint (``arch='auto'``)."""
-        from ..checkpoint import safe_torch_load
-        from .arch import check_arch, infer_arch
-        from .weights import extract_state_dict
         init_cfg = kwargs.get('init_cfg') or {}
         if arch != 'auto' or not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained':
             raise ValueError(f"arch must be None or 'auto' (with init_cfg=dict(type='Pretrained', checkpoint=...)), "

@@ -10,7 +10,8 @@ import torch
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from .masking import BlockMask, conv_as_linear, linear_weight, masked_depthwise_conv
+from .masking import BlockMask
+from .sparse_conv import conv_as_linear, linear_weight, masked_depthwise_conv
 from .utils import gelu_linear
 
 

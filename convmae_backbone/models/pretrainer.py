@@ -5,12 +5,16 @@ import torch
 from mmengine.model import BaseModel
 from torch import Tensor, nn
 
+from ..registry import register
 from .attention import TransformerBlock
 from .convvit import ConvViT
-from .masking import BlockMask, batch_masks, conv_as_linear
+from .masking import BlockMask, batch_masks
+from .sparse_conv import conv_as_linear
 from .utils import get_2d_sincos_pos_embed, patchify
+from .weights import PRETRAINING_ONLY
 
 
+@register('MODELS')
 class ConvMAEPretrainer(ConvViT, BaseModel):
     """ConvMAE pretraining: block-wise masking, masked convolution in stages 1-2, stage 3 on visible tokens,
     multi-scale fusion and an MAE decoder that reconstructs the masked patches (16x16 pixels).
@@ -24,8 +28,7 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     """
 
     #: The modules on top of the encoder, used only for pretraining (skipped when a backbone loads weights).
-    PRETRAINING_ONLY = ('stage1_output_decode', 'stage2_output_decode', 'norm', 'decoder_embed', 'mask_token',
-                        'decoder_pos_embed', 'decoder_blocks', 'decoder_norm', 'decoder_pred')
+    PRETRAINING_ONLY = PRETRAINING_ONLY
 
     #: The :class:`ConvViT` arguments pretraining takes (the official pretraining encoder: global attention, no
     #: relative position bias, no layer scale).

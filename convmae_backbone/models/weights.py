@@ -28,6 +28,10 @@ STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
 ENCODER_PREFIXES = ('backbone.bottom_up.', 'backbone.')
 # Buffers of official checkpoints that the model recomputes.
 RECOMPUTED_BUFFERS = ('relative_position_index',)
+#: The modules a pretraining checkpoint holds on top of the encoder (``ConvMAEPretrainer``'s fusion, final norm and
+#: decoder): skipped with one log line when weights are loaded into an encoder.
+PRETRAINING_ONLY = ('stage1_output_decode', 'stage2_output_decode', 'norm', 'decoder_embed', 'mask_token',
+                    'decoder_pos_embed', 'decoder_blocks', 'decoder_norm', 'decoder_pred')
 
 
 def extract_state_dict(ckpt) -> Dict[str, Tensor]:
@@ -103,7 +107,6 @@ def load_pretrained(model: nn.Module, path: str) -> List[str]:
     Missing and unexpected keys are logged; the pretraining-only modules (decoder, fusion, final norm) of a
     pretraining checkpoint are skipped with one log line. Returns the list of missing keys.
     """
-    from .pretrainer import ConvMAEPretrainer
     state = extract_state_dict(safe_torch_load(path))
     recomputed = [k for k in state if k.rsplit('.', 1)[-1] in RECOMPUTED_BUFFERS]
     for k in recomputed:
@@ -113,7 +116,7 @@ def load_pretrained(model: nn.Module, path: str) -> List[str]:
         raise CheckpointError(f'checkpoint {path!r} holds no ConvMAE weights (none of its {len(state)} keys, e.g. '
                               f'{list(state)[:3]}, is a ConvMAE key)')
     extra = [k for k in state if k not in own]
-    ignored = [k for k in extra if k.split('.', 1)[0] in ConvMAEPretrainer.PRETRAINING_ONLY]
+    ignored = [k for k in extra if k.split('.', 1)[0] in PRETRAINING_ONLY]
     unexpected = [k for k in extra if k not in ignored]
     to_load = OrderedDict((k, adapt_tensor(model, k, v, own[k].shape, path)) for k, v in state.items() if k in own)
     missing = [k for k in own if k not in to_load]

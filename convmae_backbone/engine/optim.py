@@ -28,6 +28,8 @@ from mmengine.logging import print_log
 from mmengine.optim import DefaultOptimWrapperConstructor
 from torch import nn
 
+from ..registry import register
+
 #: Position parameters that ``decay_position=False`` exempts from weight decay.
 POSITION_PARAMS = ('pos_embed', 'rel_pos_h', 'rel_pos_w', 'relative_position_bias_table')
 
@@ -40,6 +42,7 @@ def is_no_decay(name: str, param: nn.Parameter, decay_position: bool = True) -> 
     return not decay_position and name.split('.')[-1] in POSITION_PARAMS
 
 
+@register('OPTIM_WRAPPER_CONSTRUCTORS', downstream=True)
 class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
     """Optimizer wrapper constructor with layer-wise lr decay over the ConvMAE stage-3 blocks.
 

@@ -20,12 +20,12 @@ from typing import Any, Callable, List, Optional, Sequence
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-from .amp import apply_amp
-from .distributed import finish_distributed, init_distributed
+from ..checkpoint import CheckpointError
+from ..engine.amp import apply_amp
+from ..engine.distributed import finish_distributed, init_distributed
+from ..registry import DOWNSTREAM_SCOPES, PRETRAIN_SCOPES
 
 #: ``default_scope`` of the configs each tool runs.
-DOWNSTREAM_SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
-PRETRAIN_SCOPES = ('mmengine',)
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,6 @@ class CfgOptionsAction(DictAction):
 def run_tool(main: Callable[[], Any]) -> Any:
     """Run a tool's ``main``; a :class:`~convmae_backbone.checkpoint.CheckpointError` or :class:`ConfigError`
     is printed as ``error: ...`` and exits with status 1 instead of a traceback."""
-    from .checkpoint import CheckpointError
     try:
         return main()
     except (CheckpointError, ConfigError) as exc:

@@ -17,11 +17,14 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.model import MMDistributedDataParallel
-from mmengine.registry import MODEL_WRAPPERS, MODELS
+from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..registry import register
 
+
+@register('MODEL_WRAPPERS')
 class DeviceAwareDistributedDataParallel(MMDistributedDataParallel):
     """mmengine's DDP wrapper that drops ``device_ids`` for a module on the CPU (DDP accepts them only for
     single-device accelerator modules); unchanged otherwise."""
@@ -155,8 +158,3 @@ def use_cpu_sync_bn() -> None:
         pass
     MODELS.register_module('SyncBN', module=CPUSyncBatchNorm, force=True)
 
-
-def register() -> None:
-    """Register the DDP wrapper in mmengine's MODEL_WRAPPERS (the scopes' registries find it there)."""
-    MODEL_WRAPPERS.register_module(name=DeviceAwareDistributedDataParallel.__name__,
-                                   module=DeviceAwareDistributedDataParallel, force=True)

@@ -5,10 +5,9 @@ from typing import Dict
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, safe_torch_load
-from .engine import atomic_write
-from .models import ConvViT
-from .models.weights import extract_state_dict
+from ..checkpoint import CheckpointError, atomic_write, safe_torch_load
+from ..models import ConvViT
+from ..models.weights import extract_state_dict
 
 
 def encoder_state_dict(state: Dict[str, Tensor], source: str = 'checkpoint') -> Dict[str, Tensor]:

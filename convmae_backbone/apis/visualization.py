@@ -11,12 +11,12 @@ import torch
 from mmengine.config import Config
 from PIL import Image
 
-from .checkpoint import CheckpointError, safe_torch_load
-from .data import to_rgb8
-from .models import ConvMAEPretrainer
-from .models.masking import upsample_mask
-from .models.utils import patchify, unpatchify
-from .models.weights import extract_state_dict
+from ..checkpoint import CheckpointError, safe_torch_load
+from ..datasets import to_rgb8
+from ..models import ConvMAEPretrainer
+from ..models.masking import upsample_mask
+from ..models.utils import patchify, unpatchify
+from ..models.weights import extract_state_dict
 
 
 def stored_config(ckpt: dict) -> Optional[Config]:

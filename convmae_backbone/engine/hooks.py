@@ -11,15 +11,14 @@
   and before every iteration from (seed, iteration, rank), so a run resumed from an epoch checkpoint draws
   the same masks (and, with ``num_workers=0`` and mmengine's own samplers, the same crops) as an uninterrupted
   one: mmengine restores weights, optimizer and schedulers but not the RNG state. With the ``SeededSampler``
-  of ``convmae_backbone.data`` the crops are reproducible for any ``num_workers``.
+  of ``convmae_backbone.datasets`` the crops are reproducible for any ``num_workers``.
 """
 import logging
 import math
 import os
 import os.path as osp
 import random
-import tempfile
-from typing import Callable, Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -29,33 +28,8 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 
-
-def atomic_write(path: Union[str, os.PathLike], write: Callable, mode: str = 'wb') -> None:
-    """Call ``write(f)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto ``path``.
-
-    If anything fails (or the process dies) before the rename, ``path`` keeps its previous content.
-    """
-    path = os.fspath(path)
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{osp.basename(path)}.', suffix='.tmp', dir=folder)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+from ..checkpoint import atomic_write, safe_torch_load
+from ..registry import register
 
 
 @register_backend('atomic_local', force=True)
@@ -69,6 +43,7 @@ class AtomicLocalBackend(LocalBackend):
         atomic_write(filepath, lambda f: f.write(obj.encode(encoding)))
 
 
+@register('HOOKS')
 class AtomicCheckpointHook(CheckpointHook):
     """``CheckpointHook`` whose checkpoints and ``last_checkpoint`` pointer are written atomically.
 
@@ -121,6 +96,7 @@ def last_checkpoint(work_dir: str) -> Optional[str]:
         return f.read().strip() or None
 
 
+@register('HOOKS')
 class NonFiniteLossHook(Hook):
     """On a NaN/Inf loss (or weights), roll back to the last good checkpoint and continue; stop after
     ``max_rollbacks`` rollbacks.
@@ -185,7 +161,6 @@ class NonFiniteLossHook(Hook):
 
     def rollback(self, runner, path: str) -> None:
         """Load the weights and optimizer state of checkpoint ``path``; keep the current hyper-parameters."""
-        from .checkpoint import safe_torch_load
         ckpt = safe_torch_load(path, map_location='cpu')
         state = ckpt.get('state_dict', ckpt)
         if not all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
@@ -207,6 +182,7 @@ class NonFiniteLossHook(Hook):
                                      f'iteration {runner.iter}')
 
 
+@register('HOOKS')
 class ReseedHook(Hook):
     """Seed ``random``, numpy and torch from (run seed, epoch, rank) before every training epoch and from
     (run seed, iteration, rank) before every training iteration.
@@ -233,6 +209,7 @@ class ReseedHook(Hook):
         self._seed(runner, 1, runner.iter)
 
 
+@register('HOOKS')
 class PlainParamGroupsHook(Hook):
     """Before training, turn the optimizer's parameter groups into plain ``dict`` s (same keys and values).
 

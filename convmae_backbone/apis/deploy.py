@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
-from .models.backbone import ConvMAE, crop_maps
+from ..models.backbone import ConvMAE, crop_maps
 
 #: ONNX metadata key holding what :class:`OnnxBackbone` needs to pad and crop (JSON).
 ONNX_META_KEY = 'convmae_backbone'
@@ -39,7 +39,7 @@ def check_export_size(hw: Tuple[int, int], multiple: int, least: int, max_size: 
     if h % multiple or w % multiple or min(h, w) < least or max(h, w) > max_size:
         raise ExportSizeError(
             f'the exported ConvMAE program takes H and W that are multiples of {multiple} in {least}..{max_size}, '
-            f'got {h}x{w}; run it through convmae_backbone.deploy.PaddedBackbone / OnnxBackbone (they pad and '
+            f'got {h}x{w}; run it through convmae_backbone.apis.deploy.PaddedBackbone / OnnxBackbone (they pad and '
             'crop, as the eager model does) or pad the image yourself')
 
 
@@ -143,7 +143,7 @@ class OnnxBackbone:
         self.session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
         meta = self.session.get_modelmeta().custom_metadata_map
         if ONNX_META_KEY not in meta:
-            raise ValueError(f'{path} was not written by convmae_backbone.deploy.export_onnx (no {ONNX_META_KEY!r} '
+            raise ValueError(f'{path} was not written by convmae_backbone.apis.deploy.export_onnx (no {ONNX_META_KEY!r} '
                              'metadata)')
         self.meta = json.loads(meta[ONNX_META_KEY])
         self.pad = pad

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, safe_torch_load
-from .engine import atomic_write
+from ..checkpoint import CheckpointError, atomic_write, safe_torch_load
 
 KINDS = ('det', 'seg', 'cls')
 

@@ -22,10 +22,13 @@ from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
 from torch import nn
 
+from ..registry import register
+
 #: optim-wrapper types that already are mixed precision
 AMP_WRAPPERS = ('AmpOptimWrapper', 'BF16OptimWrapper')
 
 
+@register('OPTIM_WRAPPERS')
 class BF16OptimWrapper(OptimWrapper):
     """``OptimWrapper`` whose forward runs under bf16 autocast on the device of the model's parameters (CPU or
     CUDA). Same arguments as ``OptimWrapper``; no loss scaling."""

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from .data import list_images, to_rgb8
+from ..datasets import list_images, to_rgb8
+from ..registry import register
 
 KNN_KEYS = ('knn/top1', 'knn/top5')
 
@@ -132,6 +133,7 @@ def gather_features(local: Tensor, local_index: Tensor, total: int) -> Tensor:
     return out
 
 
+@register('HOOKS')
 class KNNMonitorHook(Hook):
     """Weighted k-NN accuracy of the encoder's features on a labelled image folder, every ``interval`` epochs.
 

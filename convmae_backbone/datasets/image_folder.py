@@ -1,0 +1,96 @@
+"""The pretraining dataset: every image of a folder, for mmengine (labels are not used).
+
+Unreadable files (truncated, corrupt or not an image at all) never stop a run: the loader
+(:class:`~.transforms.LoadRGBImage`) returns ``None`` with a warning naming the file, and the dataset fetches
+another index instead (with :class:`~.samplers.SeededSampler`, one drawn from the sample's seed).
+"""
+import os
+import os.path as osp
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from mmengine.dataset import BaseDataset
+from mmengine.logging import print_log
+from PIL import Image
+
+from ..registry import register
+from .samplers import seeded_rngs
+
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+
+def list_images(root: str) -> List[str]:
+    """All image files below ``root`` (recursive, extension match is case-insensitive), sorted."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files.extend(osp.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
+    return files
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Convert any PIL image (grayscale, RGBA, palette, CMYK, 16-bit or float grayscale) to 8-bit RGB."""
+    if img.mode == 'RGB':
+        return img
+    if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith('I;16') or (img.mode == 'I' and arr.max(initial=0) > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255
+        elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode 'L'
+    elif img.mode in ('P', 'PA'):
+        img = img.convert('RGBA')
+    return img.convert('RGB')
+
+
+@register('DATASETS')
+class ImageFolderDataset(BaseDataset):
+    """Every image below ``data_root/subdir`` (when that folder exists) or else below ``data_root``, recursively.
+
+    Works for ImageNet-style ``train/<class>/*.JPEG`` trees and for flat folders; labels are not used.
+    A missing or empty folder raises ``FileNotFoundError`` naming the path when the dataset is built.
+    """
+
+    def __init__(self, data_root: str = '', subdir: Optional[str] = 'train', pipeline: Sequence = (), **kwargs):
+        self.subdir = subdir
+        super().__init__(data_root=data_root, pipeline=list(pipeline), **kwargs)
+
+    @property
+    def image_dir(self) -> str:
+        root = self.data_root or ''
+        if self.subdir and osp.isdir(osp.join(root, self.subdir)):
+            return osp.join(root, self.subdir)
+        return root
+
+    def load_data_list(self) -> List[dict]:
+        root = self.image_dir
+        if not root or not osp.isdir(root):
+            raise FileNotFoundError(f'image folder {root!r} does not exist (set train_dataloader.dataset.'
+                                    f'data_root to a folder of images)')
+        files = list_images(root)
+        if not files:
+            raise FileNotFoundError(f'image folder {root!r} holds no images with extensions {IMG_EXTENSIONS}')
+        print_log(f'ImageFolderDataset: {len(files)} images under {root}', logger='current')
+        return [dict(img_path=f) for f in files]
+
+    def __getitem__(self, index: Union[int, Tuple[int, int]]) -> dict:
+        """``index`` is an int (mmengine's samplers) or ``(index, sample_seed)`` (:class:`SeededSampler`).
+
+        With a seed, the pipeline runs under Python, numpy and torch RNGs seeded with it (the caller's RNG state
+        is left untouched) and an unreadable image is replaced by an index drawn from the same seed.
+        """
+        if not isinstance(index, (tuple, list)):
+            return super().__getitem__(index)
+        idx, seed = int(index[0]), int(index[1])
+        if not self._fully_initialized:
+            self.full_init()
+        replacement = np.random.default_rng(seed)
+        for _ in range(self.max_refetch + 1):
+            with seeded_rngs(seed):
+                data = self.prepare_data(idx)
+            if data is not None:
+                return data
+            idx = int(replacement.integers(len(self)))
+        raise RuntimeError(f'no readable image found after {self.max_refetch} attempts under {self.image_dir}')
