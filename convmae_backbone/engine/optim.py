@@ -20,6 +20,13 @@ Weight decay: none for one-dimensional parameters (norms, biases, layer-scale ``
 relative position tables included: this is what the official segmentation code does, whose no-decay names
 (``pos_embed``, ``cls_token``) never match the ``backbone.``-prefixed names. ``decay_position=False`` exempts
 them as well (:data:`POSITION_PARAMS`).
+
+``rules='vitdet'`` gives the rules of the official ViTDet-style ConvMAE detector (OpenGVLab/Official-ConvMAE-Det:
+detectron2's ``get_default_optimizer_params(weight_decay_norm=0, overrides={'pos_embed': no decay})`` with its
+``get_vit_lr_decay_rate``): the same layer ids except the position embedding, which is in the last layer (full
+lr); no weight decay for the parameters of PyTorch's own norm layers (:data:`TORCH_NORM_TYPES`, exact types: the
+channels-first ``LayerNorm2d`` of the pyramid and heads stands for detectron2's ``LN``, which is not one of them)
+and for ``pos_embed``; every other parameter is decayed, biases and relative position tables included.
 """
 import logging
 from typing import Dict, List, Optional, Tuple
@@ -32,6 +39,11 @@ from ..registry import register
 
 #: Position parameters that ``decay_position=False`` exempts from weight decay.
 POSITION_PARAMS = ('pos_embed', 'rel_pos_h', 'rel_pos_w', 'relative_position_bias_table')
+#: ``rules``: the official segmentation code's (default) or the official ViTDet-style detector's.
+RULES = ('convmae', 'vitdet')
+#: Norm layers whose parameters ``rules='vitdet'`` exempts from weight decay (detectron2's list).
+TORCH_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+                    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def is_no_decay(name: str, param: nn.Parameter, decay_position: bool = True) -> bool:
@@ -51,18 +63,25 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             when omitted.
         layer_decay_rate: decay per layer (1.0 disables the decay).
         decay_position: weight decay on the position embedding and relative position tables (True, as the
-            official code) or not (False).
+            official code) or not (False); not with ``rules='vitdet'``.
+        rules: ``'convmae'`` (default) or ``'vitdet'`` (see the module docstring).
 
     Works for a model with the backbone at ``model.backbone`` (detectors, segmentors) and for a bare ConvMAE.
     """
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
         paramwise_cfg = dict(paramwise_cfg or {})
-        unknown = set(paramwise_cfg) - {'num_layers', 'layer_decay_rate', 'decay_position'}
+        unknown = set(paramwise_cfg) - {'num_layers', 'layer_decay_rate', 'decay_position', 'rules'}
         if unknown:
             raise ValueError(f'{type(self).__name__}: unsupported paramwise_cfg keys {sorted(unknown)}; '
-                             "expected 'num_layers', 'layer_decay_rate' and 'decay_position'")
+                             "expected 'num_layers', 'layer_decay_rate', 'decay_position' and 'rules'")
         paramwise_cfg.setdefault('layer_decay_rate', 1.0)
+        self.rules = paramwise_cfg.pop('rules', 'convmae')
+        if self.rules not in RULES:
+            raise ValueError(f'paramwise_cfg.rules must be one of {RULES}, got {self.rules!r}')
+        if self.rules == 'vitdet' and 'decay_position' in paramwise_cfg:
+            raise ValueError("paramwise_cfg.decay_position does not apply to rules='vitdet' (only pos_embed is "
+                             'exempt from weight decay there)')
         self.decay_position = bool(paramwise_cfg.pop('decay_position', True))
         # A non-empty paramwise_cfg makes the parent call add_params.
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
@@ -98,13 +117,19 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         """Append one param group per (layer id, decay / no decay) to ``params``."""
         backbone, backbone_prefix = self._find_backbone(module)
         num_layers = self._resolve_num_layers(backbone)
+        owner = {id(p): m for m in module.modules() for p in m.parameters(recurse=False)}
         groups: Dict[str, dict] = {}
         for name, param in module.named_parameters(prefix=prefix.rstrip('.')):
             if not param.requires_grad:
                 continue
             rel = name[len(prefix + backbone_prefix):] if name.startswith(prefix + backbone_prefix) else None
             layer_id = num_layers + 1 if rel is None else backbone.get_layer_id(rel)
-            no_decay = is_no_decay(name, param, self.decay_position)
+            if self.rules == 'vitdet':
+                if rel == 'pos_embed':
+                    layer_id = num_layers + 1
+                no_decay = type(owner[id(param)]) in TORCH_NORM_TYPES or name.split('.')[-1] == 'pos_embed'
+            else:
+                no_decay = is_no_decay(name, param, self.decay_position)
             key = f'layer_{layer_id}_{"no_decay" if no_decay else "decay"}'
             if key not in groups:
                 scale = self.layer_decay_rate ** (num_layers + 1 - layer_id)

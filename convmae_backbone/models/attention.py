@@ -31,6 +31,10 @@ from .utils import gelu_linear
 
 #: Relative position bias of one attention layer: none, ViTDet's decomposed tables, or its own BEiT table.
 ATTENTION_REL_POS = ('none', 'decomposed', 'table')
+#: What the padding tokens of a window that overhangs the grid are (``window_padding`` of
+#: :class:`TransformerBlock`): ``'masked'`` keys no query attends to, or ``'zeros'``, zero tokens (after
+#: ``norm1``) that every query attends to, as ViTDet and the official ViTDet-style ConvMAE detector.
+WINDOW_PADDING = ('masked', 'zeros')
 
 
 def relative_position_table(rel_pos: Tensor, size: int) -> Tensor:
@@ -312,16 +316,21 @@ class TransformerBlock(nn.Module):
     """Pre-norm ViT block with optional window attention, relative position bias and layer scale.
 
     ``rel_pos``: see :class:`Attention`; its tables are built for the window when windowed, else for
-    ``rel_pos_size``. ``norm_eps``: eps of both LayerNorms.
+    ``rel_pos_size``. ``norm_eps``: eps of both LayerNorms. ``window_padding``: see :data:`WINDOW_PADDING`
+    (padding is added to the normalised tokens either way; zero tokens have keys and values equal to the qkv
+    biases).
 
     Tokens are (B, N, C); ``hw`` gives their grid when they form one (windows and relative position need it).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
                  window_size: int = 0, rel_pos: str = 'none', rel_pos_size: Tuple[int, int] = (14, 14),
-                 layer_scale_init_value: float = 0.0, norm_eps: float = 1e-6):
+                 layer_scale_init_value: float = 0.0, norm_eps: float = 1e-6, window_padding: str = 'masked'):
         super().__init__()
+        if window_padding not in WINDOW_PADDING:
+            raise ValueError(f'window_padding must be one of {WINDOW_PADDING}, got {window_padding!r}')
         self.window_size = window_size
+        self.window_padding = window_padding
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, rel_pos=rel_pos,
                               rel_pos_size=(window_size, window_size) if window_size else rel_pos_size)
@@ -341,6 +350,8 @@ class TransformerBlock(nn.Module):
             raise ValueError('window attention needs the token grid (hw)')
         b, _, c = x.shape
         windows, padding, padded_hw = window_partition(x.reshape(b, hw[0], hw[1], c), self.window_size)
+        if self.window_padding == 'zeros':
+            padding = None  # the zero tokens are keys like any other
         windows = self.attn(windows, (self.window_size, self.window_size), padding, shared)
         x = window_unpartition(windows, self.window_size, padded_hw, hw)
         if is_exporting():  # a copy whatever the padding, so that no stride guard depends on H and W

@@ -46,21 +46,23 @@ class ConvBlock(nn.Module):
     """ConvMAE stage-1/2 block: pre-norm, 1x1 conv, 5x5 depthwise conv (in place of attention), 1x1 conv, conv MLP.
 
     x: (B, H, W, C) or (B, Lv, S, S, C), channels last. With a :class:`BlockMask`, masked positions are zeroed
-    right before the depthwise conv (masked convolution), so visible positions never see masked content. In
+    right before the depthwise conv (masked convolution), so visible positions never see masked content.
+    ``norm_eps``: eps of both LayerNorms (1e-5 officially, except the ViTDet-style detector's 1e-6). In
     eval mode without autograd the MLP runs in slabs along dim 1 to bound peak memory on large inputs (not when
     compiled: the compiler fuses and plans memory itself, and the slab count would depend on the input size).
     """
 
     mlp_slab_numel = 1 << 23  # hidden elements per slab in :meth:`_mlp_inference` (32 MiB float32)
 
-    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, kernel_size: int = 5):
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0, kernel_size: int = 5,
+                 norm_eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.conv1 = nn.Conv2d(dim, dim, 1)
         self.attn = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.conv2 = nn.Conv2d(dim, dim, 1)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = PointwiseMlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:

@@ -38,9 +38,11 @@ class ConvViT(BaseModule):
     relative_position_bias_table`` (per block), ``windowed_rel_pos_bias.relative_position_bias_table`` and
     ``global_rel_pos_bias.relative_position_bias_table`` (shared). Stage-1/2 features are channels last, dense
     (B, H, W, C) or, in sparse pretraining, the visible blocks (B, Lv, S, S, C) (see :mod:`.masking`).
+    The position embedding's grid can also be set apart from ``img_size`` (``pos_embed_grid``).
 
     Args:
-        img_size: image size the position embedding grid corresponds to (int or (h, w)).
+        img_size: image size (int or (h, w)) whose ``img_size // 16`` grid the position embedding (unless
+            ``pos_embed_grid``) and the relative position tables of global blocks are built for.
         patch_sizes: strides of the three patch embeddings; a stage-3 token covers their product in pixels.
         embed_dims: channels of stages 1-3.
         depths: blocks per stage.
@@ -57,9 +59,18 @@ class ConvViT(BaseModule):
         use_rel_pos_bias: True is the same as ``rel_pos_bias='decomposed'``.
         layer_scale_init_value: > 0 adds per-channel layer scale (``gamma_1``/``gamma_2``) to stage-3 blocks.
         norm_eps: eps of the stage-3 LayerNorms (1e-6 in the official pretraining and detection code, 1e-5 in the
-            segmentation code); the conv stages and patch embeddings always use 1e-5, as officially.
+            segmentation code); the patch embeddings always use 1e-5, the conv blocks ``conv_norm_eps``.
         freeze_pos_embed: keep the position embedding fixed (``requires_grad=False``), as the official detection
             backbone does with the pretrained one resized to its grid.
+        pos_embed_grid: token grid (int or (h, w)) of the position embedding when it is not that of ``img_size``:
+            the official ViTDet-style detector keeps the 14x14 table of its 224 pretraining and resizes it to
+            the input's grid at every forward, while ``img_size`` 1024 sizes its global tables.
+        window_padding: ``'masked'`` (padding tokens of windows are masked out of attention, so a window
+            covering the whole grid is global attention) or ``'zeros'`` (the official ViTDet-style detector:
+            the normalised tokens are padded with zeros that every token attends to); see
+            :data:`~.attention.WINDOW_PADDING`.
+        conv_norm_eps: eps of the conv blocks' LayerNorms (1e-5 officially; 1e-6 in the ViTDet-style detector,
+            whose configured norm layer reaches them).
         with_cp: activation checkpointing of every block while training.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ConvMAE weights of any supported format
             (:func:`convmae_backbone.models.weights.load_pretrained`); otherwise random initialisation.
@@ -91,6 +102,9 @@ class ConvViT(BaseModule):
                  layer_scale_init_value: float = 0.0,
                  norm_eps: float = 1e-6,
                  freeze_pos_embed: bool = False,
+                 pos_embed_grid: Optional[Union[int, Tuple[int, int]]] = None,
+                 window_padding: str = 'masked',
+                 conv_norm_eps: float = 1e-5,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None,
                  **base_kwargs):
@@ -117,7 +131,13 @@ class ConvViT(BaseModule):
         self.patch_sizes, self.embed_dims, self.depths, self.with_cp = patch_sizes, embed_dims, depths, with_cp
         self.mlp_ratios = mlp_ratios
         self.in_channels = in_channels
-        self.pos_grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
+        #: grid of the global relative position tables; ``pos_grid``: grid of the position embedding
+        self.rel_pos_grid = (img_size[0] // self.patch_size, img_size[1] // self.patch_size)
+        if pos_embed_grid is None:
+            self.pos_grid = self.rel_pos_grid
+        else:
+            self.pos_grid = ((pos_embed_grid, pos_embed_grid) if isinstance(pos_embed_grid, int)
+                             else tuple(int(g) for g in pos_embed_grid))
 
         self.patch_embed1 = PatchEmbed(in_channels, embed_dims[0], patch_sizes[0])
         self.patch_embed2 = PatchEmbed(embed_dims[0], embed_dims[1], patch_sizes[1])
@@ -128,21 +148,23 @@ class ConvViT(BaseModule):
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.blocks1 = nn.ModuleList(
-            ConvBlock(embed_dims[0], mlp_ratios[0], dpr[i]) for i in range(depths[0]))
+            ConvBlock(embed_dims[0], mlp_ratios[0], dpr[i], norm_eps=conv_norm_eps) for i in range(depths[0]))
         self.blocks2 = nn.ModuleList(
-            ConvBlock(embed_dims[1], mlp_ratios[1], dpr[depths[0] + i]) for i in range(depths[1]))
+            ConvBlock(embed_dims[1], mlp_ratios[1], dpr[depths[0] + i], norm_eps=conv_norm_eps)
+            for i in range(depths[1]))
         windows = [0 if i in global_attn_indexes else window_size for i in range(depths[2])]
         block_rel_pos = dict(none='none', shared='none', decomposed='decomposed', per_block='table')[rel_pos_bias]
         self.blocks3 = nn.ModuleList(
             TransformerBlock(embed_dims[2], num_heads, mlp_ratios[2], dpr[depths[0] + depths[1] + i],
-                             window_size=windows[i], rel_pos=block_rel_pos, rel_pos_size=self.pos_grid,
-                             layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps)
+                             window_size=windows[i], rel_pos=block_rel_pos, rel_pos_size=self.rel_pos_grid,
+                             layer_scale_init_value=layer_scale_init_value, norm_eps=norm_eps,
+                             window_padding=window_padding)
             for i in range(depths[2]))
         if rel_pos_bias == 'shared':
             if any(windows):
                 self.windowed_rel_pos_bias = RelativePositionBias((window_size, window_size), num_heads)
             if not all(windows):
-                self.global_rel_pos_bias = RelativePositionBias(self.pos_grid, num_heads)
+                self.global_rel_pos_bias = RelativePositionBias(self.rel_pos_grid, num_heads)
 
     # ------------------------------------------------------------------------------------ stage membership
     @classmethod

@@ -39,9 +39,14 @@ def _sincos_cached(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
 
 def resize_pos_embed(pos_embed: Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Tensor:
     """Bicubic (align_corners=False, no antialiasing, as the official code) resize of a (1, src_h*src_w, C)
-    position embedding to (1, dst_h*dst_w, C)."""
+    position embedding to (1, dst_h*dst_w, C). Computed in float32, or in float64 for a float64 embedding (timm's
+    ``resample_abs_pos_embed`` would round that to float32)."""
     if not torch.compiler.is_exporting() and tuple(src_hw) == tuple(dst_hw):  # no size guard when exporting
         return pos_embed
+    if pos_embed.dtype == torch.float64:
+        grid = pos_embed.reshape(1, src_hw[0], src_hw[1], -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=tuple(dst_hw), mode='bicubic', align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1])
     return resample_abs_pos_embed(pos_embed, list(dst_hw), list(src_hw), num_prefix_tokens=0,
                                   interpolation='bicubic', antialias=False)
 

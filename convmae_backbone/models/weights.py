@@ -3,7 +3,8 @@
 Formats: official ConvMAE pretraining and fine-tuned checkpoints (``{'model': ...}``), mmengine checkpoints of
 this project (``{'state_dict': ...}``), exported backbone weights (plain state dicts), detector/segmentor
 checkpoints (``backbone.`` prefix, DDP ``module.``) including the official mmseg 0.x segmentor and the official
-detectron2 detector (encoder under ``backbone.bottom_up.``, beside the FPN's own ``backbone.fpn_*`` keys). The
+detectron2 detectors (encoder under ``backbone.bottom_up.``, beside the FPN's own ``backbone.fpn_*`` keys, or, in
+the ViTDet-style one, under ``backbone.net.``, beside the pyramid's ``backbone.simfp_*``). The
 position embedding is resized to the model's grid and relative-position tables to the model's sizes (BEiT tables
 bicubically over their 2-D offsets); ``relative_position_index`` buffers of official checkpoints are dropped
 (recomputed by the model); any other shape mismatch is an error naming the key.
@@ -24,8 +25,8 @@ from .utils import resize_pos_embed
 # Wrappers put around the encoder's own names by detectors, segmentors, DDP and EMA.
 STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
 # Where a detector/segmentor keeps its encoder, most specific first: detectron2 FPN backbones wrap it as
-# ``bottom_up``; mmdet/mmseg models hold it at ``backbone``.
-ENCODER_PREFIXES = ('backbone.bottom_up.', 'backbone.')
+# ``bottom_up``, its SimpleFeaturePyramid as ``net``; mmdet/mmseg models hold it at ``backbone``.
+ENCODER_PREFIXES = ('backbone.bottom_up.', 'backbone.net.', 'backbone.')
 # Buffers of official checkpoints that the model recomputes.
 RECOMPUTED_BUFFERS = ('relative_position_index',)
 #: The modules a pretraining checkpoint holds on top of the encoder (``ConvMAEPretrainer``'s fusion, final norm and
@@ -37,8 +38,8 @@ PRETRAINING_ONLY = ('stage1_output_decode', 'stage2_output_decode', 'norm', 'dec
 def extract_state_dict(ckpt) -> Dict[str, Tensor]:
     """The model weights of a loaded checkpoint in any supported format, with wrapper prefixes removed.
 
-    For a detector or segmentor only the encoder's weights are kept (keys under ``backbone.bottom_up.`` in a
-    detectron2 detector, else under ``backbone.``).
+    For a detector or segmentor only the encoder's weights are kept (keys under ``backbone.bottom_up.`` or
+    ``backbone.net.`` in a detectron2 detector, else under ``backbone.``).
     """
     if isinstance(ckpt, dict):
         for key in ('state_dict', 'model', 'module'):
