@@ -3,8 +3,8 @@
 * :func:`write_demo_images`: random views of the photographs shipped with scikit-image (an image folder);
 * :func:`write_coco_dataset`, :func:`write_ade_dataset`: tiny COCO-layout instance-segmentation and
   ADE20K-layout semantic-segmentation datasets (coloured rectangles and ellipses on textured backgrounds);
-* :func:`tiny_det_config`, :func:`tiny_seg_config`: the full Mask R-CNN and UperNet configs of ``configs/``
-  with a small backbone, small heads and a CPU runtime;
+* :func:`tiny_det_config`, :func:`tiny_vitdet_config`, :func:`tiny_seg_config`: the full Mask R-CNN (FPN and
+  simple-pyramid) and UperNet configs of ``configs/`` with a small backbone, small heads and a CPU runtime;
 * :func:`run_train_tool`, :func:`read_val_metrics`: mmdet's / mmseg's own ``tools/train.py`` on a config, and
   the validation metrics it logged.
 """
@@ -25,6 +25,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = osp.join(REPO, 'configs')
 DEMO_CONFIG = osp.join(CONFIGS, 'pretrain', 'convmae-tiny_demo.py')
 DET_CONFIG = osp.join(CONFIGS, 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
+VITDET_CONFIG = osp.join(CONFIGS, 'mmdet', 'mask-rcnn_convmae-b_simplefpn_lsj-25e_coco.py')
 SEG_CONFIG = osp.join(CONFIGS, 'mmseg', 'upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
 
 # Photographs shipped inside scikit-image (no download needed).
@@ -39,6 +40,7 @@ SEG_CLASSES = ('wall', 'building', 'sky')
 SEG_PALETTE = [[120, 120, 120], [180, 120, 120], [6, 230, 230]]
 
 TINY_BACKBONE = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
+TINY_DET_CHANNELS = 64  # pyramid and head channels of the tiny detection configs
 
 
 # ------------------------------------------------------------------------------------------------- data
@@ -213,9 +215,44 @@ def tiny_det_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
     """
     cfg = Config.fromfile(DET_CONFIG)
     dims = _tiny_model_and_runtime(cfg, backbone, checkpoint, work_dir, lr, warmup_iters, seed)['embed_dims']
-    ch, norm = 64, dict(type='BN', requires_grad=True)
+    norm = dict(type='BN', requires_grad=True)
+    cfg.model.neck.update(in_channels=[dims[0], dims[1], dims[2], dims[2]], out_channels=TINY_DET_CHANNELS,
+                          norm_cfg=norm)
+    _tiny_mask_rcnn(cfg, data_root, image_size, norm)
+    cfg.train_cfg.update(max_epochs=max_epochs, val_interval=max_epochs)
+    cfg.param_scheduler[1].end = max_epochs
+    return cfg
+
+
+def tiny_vitdet_config(data_root: str, work_dir: str, backbone: Optional[dict] = None,
+                       checkpoint: Optional[str] = None, image_size: int = 96, max_iters: int = 4,
+                       lr: float = 2e-4, warmup_iters: int = 2, seed: int = 0) -> Config:
+    """The full ViTDet-style Mask R-CNN config with a small backbone (``backbone``: ConvMAE keywords, default
+    :data:`TINY_BACKBONE`, whose ``img_size`` becomes the grid of ``pos_embed``), 64-channel pyramid and heads,
+    batch 2, ``max_iters`` iterations and the tiny COCO dataset at ``data_root``.
+
+    Kept from the full config: the H/16 map alone, windows of 4 tokens padded with zeros (a 96 input's 6x6 grid
+    pads to 8x8) and one global block, decomposed relative position with global tables for ``image_size``,
+    the simple pyramid, LN heads, LSJ pipeline (at ``image_size``), AdamW with layer decay 0.8 and the ViTDet
+    rules, warm-up + steps (at 3/4 and 7/8 of the iterations), CocoMetric.
+    """
+    cfg = Config.fromfile(VITDET_CONFIG)
+    tiny = _tiny_model_and_runtime(cfg, backbone, checkpoint, work_dir, lr, warmup_iters, seed)
+    cfg.model.backbone.update(img_size=image_size, pos_embed_grid=tiny['img_size'] // 16, window_size=4)
+    cfg.model.neck.update(in_channels=tiny['embed_dims'][2], out_channels=TINY_DET_CHANNELS)
+    _tiny_mask_rcnn(cfg, data_root, image_size, cfg.model.roi_head.bbox_head.norm_cfg)
+    cfg.optim_wrapper.paramwise_cfg.num_layers = tiny['depths'][2]
+    cfg.train_cfg.update(max_iters=max_iters, val_interval=max_iters)
+    cfg.param_scheduler[1].update(end=max_iters, milestones=[max_iters * 3 // 4, max_iters * 7 // 8])
+    cfg.default_hooks.checkpoint.interval = max_iters
+    return cfg
+
+
+def _tiny_mask_rcnn(cfg: Config, data_root: str, image_size: int, norm: dict) -> None:
+    """Shrink the Mask R-CNN heads of a full detection config to :data:`TINY_DET_CHANNELS` channels with
+    ``norm``, and point its data at the tiny COCO set at ``data_root`` with ``image_size`` LSJ."""
+    ch = TINY_DET_CHANNELS
     model = cfg.model
-    model.neck.update(in_channels=[dims[0], dims[1], dims[2], dims[2]], out_channels=ch, norm_cfg=norm)
     model.rpn_head.update(in_channels=ch, feat_channels=ch)
     roi = model.roi_head
     roi.bbox_roi_extractor.out_channels = ch
@@ -228,7 +265,7 @@ def tiny_det_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
     model.test_cfg.rpn.update(nms_pre=500, max_per_img=100)
     size = (image_size, image_size)
     model.data_preprocessor.batch_augments[0]['size'] = size
-    model.data_preprocessor.pad_size_divisor = 32  # the full config pads test images to 1024x1024
+    model.data_preprocessor.pad_size_divisor = 32  # the full configs pad test images to 1024x1024
 
     metainfo = dict(classes=DET_CLASSES)
     train_set = cfg.train_dataloader.dataset.dataset  # inside the base's RepeatDataset
@@ -242,10 +279,6 @@ def tiny_det_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
         _transform(cfg[key].dataset.pipeline, 'Resize')['scale'] = size
     for key in ('val_evaluator', 'test_evaluator'):
         cfg[key].ann_file = osp.join(data_root, 'annotations', 'instances_val.json')
-
-    cfg.train_cfg.update(max_epochs=max_epochs, val_interval=max_epochs)
-    cfg.param_scheduler[1].end = max_epochs
-    return cfg
 
 
 def tiny_seg_config(data_root: str, work_dir: str, backbone: Optional[dict] = None,

@@ -1,11 +1,17 @@
 """Convert the released official ConvMAE checkpoints to this project's mmdet / mmseg / mmpretrain models.
 
-Three source formats, one function each:
+Four source formats, one function each:
 
 - ``det``: the ConvMAE-B Mask R-CNN of the official ``DET/`` code, a detectron2 0.6 ``GeneralizedRCNN``
   checkpoint (``{'model': state_dict, ...}``; values may be tensors or, in detectron2's ``.pkl`` format, numpy
   arrays) -> mmdet 3.x ``MaskRCNN`` keys (FPN with norm, 2-conv RPN head, ``Shared4Conv1FCBBoxHead`` with norm,
   ``FCNMaskHead``).
+- ``vitdet``: the ViTDet-style ConvMAE-B Mask R-CNN of OpenGVLab/Official-ConvMAE-Det, a detectron2
+  ``GeneralizedRCNN`` with a ``SimpleFeaturePyramid`` backbone (encoder at ``backbone.net.``, pyramid at
+  ``backbone.simfp_*``) and LN heads -> mmdet 3.x ``MaskRCNN`` keys (``ConvMAE`` + ``SimpleFeaturePyramid``
+  neck, 2-conv RPN head, ``Shared4Conv1FCBBoxHead`` and ``FCNMaskHead`` with ``ConvMAELN2d`` norms). The head
+  layouts were written from reading the official code (no released file could be opened). A checkpoint with
+  only the backbone and pyramid converts too; the report names the parts it lacks.
 - ``seg``: the ConvMAE-B UperNet of the official ``SEG/`` code, an mmseg 0.x ``EncoderDecoder`` checkpoint
   (``{'state_dict': ...}``) -> mmseg 1.x keys (UPerHead + FCNHead auxiliary head).
 - ``cls``: the official fine-tuned classifier (``{'model': ...}``, ``ConvViT(global_pool=True)``) -> mmpretrain
@@ -33,7 +39,7 @@ from torch import Tensor
 
 from ..checkpoint import CheckpointError, atomic_write, safe_torch_load
 
-KINDS = ('det', 'seg', 'cls')
+KINDS = ('det', 'vitdet', 'seg', 'cls')
 
 # A rule: (regular expression over the whole source key, target template for ``re.Match.expand`` or a callable
 # of the match, or None for a documented drop).
@@ -48,6 +54,35 @@ def _shift(group: int, prefix: str, suffix: str, offset: int) -> Callable[[re.Ma
     return lambda m: f'{prefix}{int(m.group(group)) - offset}' + m.expand(suffix)
 
 
+# detectron2 RPN and RoI heads -> mmdet 3.x RPNHead, Shared4Conv1FCBBoxHead, FCNMaskHead, with the conv norms
+# of the box and mask heads (``norm``) named ``norm_key`` in mmdet's ConvModule (``bn`` for BN, ``ln`` for LN).
+def _head_rules(norm: str, norm_key: str) -> Tuple[Rule, ...]:
+    return (
+        # RPN: conv_dims [-1, -1] gives ``conv.conv0``, ``conv.conv1`` (each with ReLU); one conv gives ``conv``.
+        (r'proposal_generator\.rpn_head\.conv\.conv(\d+)\.(weight|bias)', r'rpn_head.rpn_conv.\1.conv.\2'),
+        (r'proposal_generator\.rpn_head\.conv\.(weight|bias)', r'rpn_head.rpn_conv.\1'),
+        (r'proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)', r'rpn_head.rpn_cls.\1'),
+        (r'proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)', r'rpn_head.rpn_reg.\1'),
+        (r'proposal_generator\.anchor_generator\.cell_anchors\.\d+', None),
+        # Box head: FastRCNNConvFCHead conv1..4 (+ norm), fc1 -> Shared4Conv1FCBBoxHead shared_convs / shared_fcs.
+        (r'roi_heads\.box_head\.conv(\d+)\.(weight|bias)',
+         _shift(1, 'roi_head.bbox_head.shared_convs.', r'.conv.\2', 1)),
+        (rf'roi_heads\.box_head\.conv(\d+)\.norm\.{norm}',
+         _shift(1, 'roi_head.bbox_head.shared_convs.', rf'.{norm_key}.\2', 1)),
+        (r'roi_heads\.box_head\.fc(\d+)\.(weight|bias)', _shift(1, 'roi_head.bbox_head.shared_fcs.', r'.\2', 1)),
+        (r'roi_heads\.box_predictor\.cls_score\.(weight|bias)', r'roi_head.bbox_head.fc_cls.\1'),
+        (r'roi_heads\.box_predictor\.bbox_pred\.(weight|bias)', r'roi_head.bbox_head.fc_reg.\1'),
+        # Mask head: MaskRCNNConvUpsampleHead mask_fcn1..4 (+ norm), deconv, predictor -> FCNMaskHead.
+        (r'roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)',
+         _shift(1, 'roi_head.mask_head.convs.', r'.conv.\2', 1)),
+        (rf'roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.{norm}',
+         _shift(1, 'roi_head.mask_head.convs.', rf'.{norm_key}.\2', 1)),
+        (r'roi_heads\.mask_head\.deconv\.(weight|bias)', r'roi_head.mask_head.upsample.\1'),
+        (r'roi_heads\.mask_head\.predictor\.(weight|bias)', r'roi_head.mask_head.conv_logits.\1'),
+        (r'pixel_(mean|std)', None),
+    )
+
+
 # detectron2 0.6 GeneralizedRCNN (FPN, StandardRPNHead, StandardROIHeads) -> mmdet 3.x MaskRCNN.
 DET_RULES: Tuple[Rule, ...] = (
     (r'backbone\.bottom_up\..*relative_position_index', None),
@@ -57,25 +92,14 @@ DET_RULES: Tuple[Rule, ...] = (
     (rf'backbone\.fpn_lateral([2-5])\.norm\.{_BN}', _shift(1, 'neck.lateral_convs.', r'.bn.\2', 2)),
     (r'backbone\.fpn_output([2-5])\.(weight|bias)', _shift(1, 'neck.fpn_convs.', r'.conv.\2', 2)),
     (rf'backbone\.fpn_output([2-5])\.norm\.{_BN}', _shift(1, 'neck.fpn_convs.', r'.bn.\2', 2)),
-    # RPN: conv_dims [-1, -1] gives ``conv.conv0``, ``conv.conv1`` (each with ReLU); one conv gives ``conv``.
-    (r'proposal_generator\.rpn_head\.conv\.conv(\d+)\.(weight|bias)', r'rpn_head.rpn_conv.\1.conv.\2'),
-    (r'proposal_generator\.rpn_head\.conv\.(weight|bias)', r'rpn_head.rpn_conv.\1'),
-    (r'proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)', r'rpn_head.rpn_cls.\1'),
-    (r'proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)', r'rpn_head.rpn_reg.\1'),
-    (r'proposal_generator\.anchor_generator\.cell_anchors\.\d+', None),
-    # Box head: FastRCNNConvFCHead conv1..4 (+ norm), fc1 -> Shared4Conv1FCBBoxHead shared_convs / shared_fcs.
-    (r'roi_heads\.box_head\.conv(\d+)\.(weight|bias)', _shift(1, 'roi_head.bbox_head.shared_convs.', r'.conv.\2', 1)),
-    (rf'roi_heads\.box_head\.conv(\d+)\.norm\.{_BN}', _shift(1, 'roi_head.bbox_head.shared_convs.', r'.bn.\2', 1)),
-    (r'roi_heads\.box_head\.fc(\d+)\.(weight|bias)', _shift(1, 'roi_head.bbox_head.shared_fcs.', r'.\2', 1)),
-    (r'roi_heads\.box_predictor\.cls_score\.(weight|bias)', r'roi_head.bbox_head.fc_cls.\1'),
-    (r'roi_heads\.box_predictor\.bbox_pred\.(weight|bias)', r'roi_head.bbox_head.fc_reg.\1'),
-    # Mask head: MaskRCNNConvUpsampleHead mask_fcn1..4 (+ norm), deconv, predictor -> FCNMaskHead.
-    (r'roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)', _shift(1, 'roi_head.mask_head.convs.', r'.conv.\2', 1)),
-    (rf'roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.{_BN}', _shift(1, 'roi_head.mask_head.convs.', r'.bn.\2', 1)),
-    (r'roi_heads\.mask_head\.deconv\.(weight|bias)', r'roi_head.mask_head.upsample.\1'),
-    (r'roi_heads\.mask_head\.predictor\.(weight|bias)', r'roi_head.mask_head.conv_logits.\1'),
-    (r'pixel_(mean|std)', None),
-)
+) + _head_rules(_BN, 'bn')
+
+# OpenGVLab/Official-ConvMAE-Det GeneralizedRCNN (SimpleFeaturePyramid over ConvViT, StandardRPNHead, LN heads)
+# -> mmdet 3.x MaskRCNN with ConvMAE + SimpleFeaturePyramid (the same module names under ``neck.``).
+VITDET_RULES: Tuple[Rule, ...] = (
+    (r'backbone\.net\.((patch_embed[1-4]|blocks[1-3])\..+|pos_embed)', r'backbone.\1'),
+    (r'backbone\.(simfp_[2-5]\.\d+\.(weight|bias|norm\.weight|norm\.bias))', r'neck.\1'),
+) + _head_rules(r'(weight|bias)', 'ln')
 
 # mmseg 0.x EncoderDecoder (UPerHead + FCNHead) -> mmseg 1.x: the same module names (ConvModule ``conv``/``bn``).
 _CONV_MODULE = rf'(conv\.(weight|bias)|bn\.{_BN})'
@@ -100,15 +124,23 @@ SIGNATURES: Dict[str, Tuple[str, ...]] = {
     'det': ('backbone.bottom_up.patch_embed1.proj.weight', 'backbone.fpn_lateral2.weight',
             'proposal_generator.rpn_head.objectness_logits.weight', 'roi_heads.box_predictor.cls_score.weight',
             'roi_heads.mask_head.predictor.weight'),
+    'vitdet': ('backbone.net.patch_embed1.proj.weight', 'backbone.net.pos_embed', 'backbone.simfp_2.0.weight',
+               'backbone.simfp_5.2.weight'),
     'seg': ('backbone.patch_embed1.proj.weight', 'decode_head.conv_seg.weight', 'auxiliary_head.conv_seg.weight'),
     'cls': ('patch_embed1.proj.weight', 'fc_norm.weight', 'head.weight'),
 }
 DESCRIPTIONS = {
     'det': 'official ConvMAE detector (detectron2 GeneralizedRCNN, DET/)',
+    'vitdet': 'official ViTDet-style ConvMAE detector (detectron2 GeneralizedRCNN with SimpleFeaturePyramid, '
+              'OpenGVLab/Official-ConvMAE-Det)',
     'seg': 'official ConvMAE segmentor (mmseg 0.x UperNet, SEG/)',
     'cls': 'official ConvMAE fine-tuned classifier (models_convvit.ConvViT)',
 }
-RULES: Dict[str, Tuple[Rule, ...]] = {'det': DET_RULES, 'seg': SEG_RULES, 'cls': CLS_RULES}
+RULES: Dict[str, Tuple[Rule, ...]] = {'det': DET_RULES, 'vitdet': VITDET_RULES, 'seg': SEG_RULES, 'cls': CLS_RULES}
+#: The parts of a converted model, by key prefix, that a checkpoint of that kind may lack (``vitdet``: a file with
+#: only the backbone and the pyramid, e.g. for fine-tuning); :func:`convert` reports the ones it lacks.
+OPTIONAL_PARTS: Dict[str, Dict[str, str]] = {
+    'vitdet': {'RPN head': 'rpn_head.', 'box head': 'roi_head.bbox_head.', 'mask head': 'roi_head.mask_head.'}}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -235,6 +267,15 @@ def convert_det(state: Mapping[str, Tensor], source: str = 'checkpoint') -> Tupl
     return out, dropped
 
 
+def convert_vitdet(state: Mapping[str, Tensor], source: str = 'checkpoint') -> Tuple[dict, List[str]]:
+    """OpenGVLab/Official-ConvMAE-Det ``GeneralizedRCNN`` weights -> mmdet 3.x ``MaskRCNN`` keys of
+    ``configs/mmdet/mask-rcnn_convmae-b_simplefpn_lsj-25e_coco.py``: the encoder (``backbone.net.``) under
+    ``backbone.``, the pyramid (``backbone.simfp_*``) under ``neck.``, the heads as for ``det`` with their LN
+    weights at ConvModule's ``ln``. Shapes are unchanged. Returns (state_dict, dropped keys)."""
+    check_kind(state, 'vitdet', source)
+    return apply_rules(state, VITDET_RULES, source)
+
+
 def convert_seg(state: Mapping[str, Tensor], source: str = 'checkpoint') -> Tuple[dict, List[str]]:
     """mmseg 0.x UperNet + FCNHead (official ConvMAE SEG) weights -> mmseg 1.x keys. The backbone's ``fpn``
     (Conv2d -> SyncBN -> GELU, the H/32 branch) passes through. Returns (state_dict, dropped keys)."""
@@ -252,12 +293,12 @@ def convert_cls(state: Mapping[str, Tensor], source: str = 'checkpoint') -> Tupl
 
 
 CONVERTERS: Dict[str, Callable[[Mapping[str, Tensor], str], Tuple[dict, List[str]]]] = {
-    'det': convert_det, 'seg': convert_seg, 'cls': convert_cls}
+    'det': convert_det, 'vitdet': convert_vitdet, 'seg': convert_seg, 'cls': convert_cls}
 
 
 def _dataset_meta(kind: str) -> Optional[dict]:
     """Class names of the dataset the released model was trained on (their order is the model's)."""
-    if kind == 'det':
+    if kind in ('det', 'vitdet'):
         from mmdet.datasets import CocoDataset
         return dict(classes=tuple(CocoDataset.METAINFO['classes']))
     if kind == 'seg':
@@ -267,16 +308,19 @@ def _dataset_meta(kind: str) -> Optional[dict]:
 
 
 def convert(kind: str, src_path: str, dst_path: str) -> dict:
-    """Convert the official checkpoint ``src_path`` of ``kind`` ('det', 'seg' or 'cls') and write
+    """Convert the official checkpoint ``src_path`` of ``kind`` (one of :data:`KINDS`) and write
     ``{'state_dict': ..., 'meta': ...}`` to ``dst_path`` atomically. Returns a report: ``converted`` (number
-    of tensors written), ``dropped`` (source keys left out by the documented rules)."""
+    of tensors written), ``dropped`` (source keys left out by the documented rules), ``missing_parts`` (the
+    :data:`OPTIONAL_PARTS` the checkpoint holds no weights of)."""
     if kind not in CONVERTERS:
         raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
     state = model_state(load_source(src_path), src_path, kind)
     converted, dropped = CONVERTERS[kind](state, src_path)
+    missing_parts = [part for part, prefix in OPTIONAL_PARTS.get(kind, {}).items()
+                     if not any(k.startswith(prefix) for k in converted)]
     meta = dict(converted_from=os.path.basename(src_path), source_format=DESCRIPTIONS[kind])
     dataset_meta = _dataset_meta(kind)
     if dataset_meta is not None:
         meta['dataset_meta'] = dataset_meta
     atomic_write(dst_path, lambda f: torch.save({'state_dict': converted, 'meta': meta}, f))
-    return dict(converted=len(converted), dropped=dropped)
+    return dict(converted=len(converted), dropped=dropped, missing_parts=missing_parts)
