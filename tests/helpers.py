@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR, MultiStepLR, PolyLR
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,3 +80,23 @@ def sync_bn_to_bn(node):
         for value in node:
             sync_bn_to_bn(value)
     return node
+
+
+def lr_curve(param_scheduler: list, steps: int, iters_per_epoch: int = 1) -> list:
+    """The lr of an optimizer with base lr 1 at steps 0..steps-1 under these scheduler configs."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    types = dict(LinearLR=LinearLR, CosineAnnealingLR=CosineAnnealingLR, PolyLR=PolyLR, MultiStepLR=MultiStepLR)
+    schedulers = []
+    for cfg in param_scheduler:
+        cfg = dict(cfg)
+        cls = types[cfg.pop('type')]
+        if cfg.pop('convert_to_iter_based', False):
+            schedulers.append(cls.build_iter_from_epoch(optimizer, epoch_length=iters_per_epoch, **cfg))
+        else:
+            schedulers.append(cls(optimizer, **cfg))
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]['lr'])
+        for s in schedulers:
+            s.step()
+    return lrs

@@ -9,7 +9,7 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
 
 import convmae_backbone  # noqa: F401
-from helpers import sync_bn_to_bn
+from helpers import lr_curve, sync_bn_to_bn
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DET_CONFIG = osp.join(REPO, 'configs', 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
@@ -84,33 +84,12 @@ def test_det_config_recipe(det_cfg):
     assert det_cfg.train_dataloader.batch_size * 8 == det_cfg.auto_scale_lr.base_batch_size == 32
 
 
-def _lr_curve(param_scheduler: list, steps: int, iters_per_epoch: int = 1) -> list:
-    """The lr of an optimizer with base lr 1 at steps 0..steps-1 under these scheduler configs."""
-    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR, PolyLR
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    types = dict(LinearLR=LinearLR, CosineAnnealingLR=CosineAnnealingLR, PolyLR=PolyLR)
-    schedulers = []
-    for cfg in param_scheduler:
-        cfg = dict(cfg)
-        cls = types[cfg.pop('type')]
-        if cfg.pop('convert_to_iter_based', False):
-            schedulers.append(cls.build_iter_from_epoch(optimizer, epoch_length=iters_per_epoch, **cfg))
-        else:
-            schedulers.append(cls(optimizer, **cfg))
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]['lr'])
-        for s in schedulers:
-            s.step()
-    return lrs
-
-
 def test_det_lr_schedule_follows_detectron2(det_cfg):
     """Warm-up and cosine as detectron2's WarmupParamScheduler(CosineParamScheduler(1, 0), warmup_length=0.005,
     warmup_factor=0.001) over the official 92,187 iterations (here 25 epochs of 3687.48 iterations: 25 x 3687)."""
     import math
     max_iter = 25 * 3687
-    lrs = _lr_curve(det_cfg.param_scheduler, 1200, iters_per_epoch=3687)
+    lrs = lr_curve(det_cfg.param_scheduler, 1200, iters_per_epoch=3687)
 
     def official(t):
         cosine = lambda x: 0.5 * (1 + math.cos(math.pi * x))  # noqa: E731
@@ -240,7 +219,7 @@ def test_seg_config_recipe(seg_cfg):
 def test_seg_lr_schedule_follows_mmcv(seg_cfg):
     """As mmcv 1.x's PolyLrUpdaterHook(power=1, min_lr=0) with warmup='linear', warmup_iters=1500,
     warmup_ratio=1e-6 over 160k iterations: lr(t) = poly(t) * (1 - (1 - t / 1500) * (1 - 1e-6)) while warming up."""
-    lrs = _lr_curve(seg_cfg.param_scheduler, 1700)
+    lrs = lr_curve(seg_cfg.param_scheduler, 1700)
 
     def official(t):
         poly = 1 - t / 160000
