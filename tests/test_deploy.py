@@ -14,6 +14,9 @@ VARIANTS = {
     'windowed_decomposed': dict(window_size=2, global_attn_indexes=(1,), rel_pos_bias='decomposed'),
     'official_det': dict(window_size=2, global_attn_indexes=(1,), rel_pos_bias='shared', freeze_pos_embed=True),
     'official_seg': dict(rel_pos_bias='per_block', layer_scale_init_value=1.0, norm_eps=1e-5, h32='fpn'),
+    # zero-padded windows of 3 tokens (padding at most sizes), a 3x3 position embedding resized at every forward
+    'official_vitdet': dict(window_size=3, global_attn_indexes=(1,), rel_pos_bias='decomposed', window_padding='zeros',
+                            pos_embed_grid=3, conv_norm_eps=1e-6),
 }
 # sizes that are multiples of 16 and sizes that are not (odd window counts, odd H/32 maps)
 SIZES = [(64, 64), (80, 112), (333, 517), (50, 70)]
