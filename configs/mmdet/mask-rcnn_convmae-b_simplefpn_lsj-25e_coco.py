@@ -19,20 +19,13 @@
 # Train on 8 GPUs x 2 images:
 #   bash tools/dist_train.sh configs/mmdet/mask-rcnn_convmae-b_simplefpn_lsj-25e_coco.py 8 \
 #       --cfg-options model.backbone.init_cfg.checkpoint=checkpoints/convmae-b_8xb128-1600e_in1k.pth
-_base_ = [
-    'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
-    'mmdet::common/lsj-100e_coco-instance.py',
-]
-custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
+# The data pipeline (LSJ, test at longer side 1024, padding to 1024x1024) and the Mask R-CNN settings it shares
+# with the FPN detector come from that config; everything else is replaced here.
+_base_ = './mask-rcnn_convmae-b_fpn_lsj-25e_coco.py'
 
-pretrained = 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'  # ConvMAE-Base pretraining (official download or ours)
-image_size = (1024, 1024)
-norm_cfg = dict(type='ConvMAELN2d', eps=1e-6)  # detectron2's channels-first 'LN' (mmcv's default eps is 1e-5)
-batch_augments = [dict(type='BatchFixedSizePad', size=image_size, pad_mask=True)]
+norm_cfg = dict(_delete_=True, type='ConvMAELN2d', eps=1e-6)  # detectron2's channels-first 'LN' (mmcv: eps 1e-5)
 
 model = dict(
-    # every image, at most 1024x1024 after resizing, is padded to 1024x1024 (detectron2's square_pad=1024)
-    data_preprocessor=dict(pad_size_divisor=1024, batch_augments=batch_augments),
     backbone=dict(
         _delete_=True,
         type='ConvMAE',
@@ -52,7 +45,7 @@ model = dict(
         freeze_pos_embed=False,
         out_indices=(2,),  # the H/16 map alone
         with_cp=False,  # True trades compute for memory at 1024x1024
-        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+        init_cfg=dict(type='Pretrained', checkpoint={{_base_.pretrained}})),
     neck=dict(
         _delete_=True,
         type='SimpleFeaturePyramid',
@@ -61,24 +54,10 @@ model = dict(
         scale_factors=(4.0, 2.0, 1.0, 0.5),
         num_outs=5,
         norm_eps=1e-6),
-    rpn_head=dict(num_convs=2),
-    roi_head=dict(
-        bbox_head=dict(type='Shared4Conv1FCBBoxHead', conv_out_channels=256, norm_cfg=norm_cfg),
-        mask_head=dict(norm_cfg=norm_cfg)))
+    roi_head=dict(bbox_head=dict(norm_cfg=norm_cfg), mask_head=dict(norm_cfg=norm_cfg)))
 
-# Test as officially: longer side 1024 (ResizeShortestEdge(1024, max_size=1024)), padded to 1024x1024.
-test_pipeline = [
-    dict(type='LoadImageFromFile', backend_args={{_base_.backend_args}}),
-    dict(type='Resize', scale=image_size, keep_ratio=True),
-    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
-    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
-]
-# 8 GPUs x 2 images; iterations, not epochs (the base's RepeatDataset is kept with times=1).
-train_dataloader = dict(batch_size=2, num_workers=4, sampler=dict(type='InfiniteSampler', shuffle=True),
-                        dataset=dict(times=1))
-val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
-test_dataloader = val_dataloader
-
+# 8 GPUs x 2 images, iterations (not epochs)
+train_dataloader = dict(batch_size=2, sampler=dict(type='InfiniteSampler', shuffle=True))
 max_iters = 184375  # 25 epochs of 118k images at batch 16
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=7500)
 
@@ -96,7 +75,7 @@ param_scheduler = [
     dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters, milestones=[163889, 177546], gamma=0.1),
 ]
 
-default_hooks = dict(checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=2500, max_keep_ckpts=2))
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval=2500, max_keep_ckpts=2))
 log_processor = dict(by_epoch=False)
 # lr 1e-4 is for a total batch of 16; `--auto-scale-lr` rescales it for other batch sizes.
 auto_scale_lr = dict(enable=False, base_batch_size=16)
