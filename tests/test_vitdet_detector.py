@@ -201,6 +201,15 @@ def test_vitdet_optimizer_groups(cfg, detector):
     assert sum(wd == 0.0 for _, wd in got.values()) == 2 * (3 + 2 * (2 + 2 + 11)) + 1
 
 
+def test_vitdet_rules_refuse_bad_settings():
+    from convmae_backbone.engine.optim import ConvMAELayerDecayOptimWrapperConstructor as Constructor
+    optimizer = dict(type='AdamW', lr=1e-4, weight_decay=0.1)
+    with pytest.raises(ValueError, match="rules must be one of \\('convmae', 'vitdet'\\), got 'detectron2'"):
+        Constructor(dict(optimizer=optimizer), dict(rules='detectron2'))
+    with pytest.raises(ValueError, match='decay_position does not apply'):
+        Constructor(dict(optimizer=optimizer), dict(rules='vitdet', decay_position=False))
+
+
 # --------------------------------------------------------------------------------------------- converter
 def official_detector_shapes(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, window=14,
                              global_blocks=(1, 4, 7, 10), img_size=1024, out_channels=256, head_channels=256,
