@@ -191,7 +191,7 @@ def test_other_input_sizes_resize_tables_as_at_load(kind, official, tmp_path):
     x = torch.randn(1, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for a, b in zip(small(x), large(x)):
-            assert rel_err(a, b) < 1e-9  # the models hold float32 weights: the resized ones rounded once
+            assert rel_err(a, b) < 1e-8  # the models hold float32 weights: resized at load, rounded to float32 once
 
 
 def test_relative_position_index_is_recomputed_not_stored(official):
