@@ -172,11 +172,11 @@ def test_segmentation_finetune_with_sync_bn_two_processes_match_one(tmp_path):
 def test_segmentation_finetune_with_sync_bn_and_amp_on_two_processes(tmp_path):
     """tools/dist_train.sh --amp on CPU (bf16 autocast) with SyncBN heads: runs, fp32 BN statistics updated
     every iteration, finite weights."""
-    config = sync_bn_seg_config(tmp_path, max_iters=2)
+    config = sync_bn_seg_config(tmp_path, max_iters=3)  # 2 warm-up iterations + 1
     out = run(['bash', ROOT / 'tools' / 'dist_train.sh', config, 2, '--work-dir', tmp_path / 'two', '--amp'])
     assert 'SyncBN = CPUSyncBatchNorm' in out and '--amp: BF16OptimWrapper' in out
-    state = safe_torch_load(tmp_path / 'two' / 'iter_2.pth')['state_dict']
-    assert state['decode_head.bottleneck.bn.num_batches_tracked'] == 2
+    state = safe_torch_load(tmp_path / 'two' / 'iter_3.pth')['state_dict']
+    assert state['decode_head.bottleneck.bn.num_batches_tracked'] == 3
     for name, initial in (('running_mean', 0.0), ('running_var', 1.0)):
         value = state[f'decode_head.bottleneck.bn.{name}']
         assert value.dtype == torch.float32 and not torch.equal(value, torch.full_like(value, initial))
