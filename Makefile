@@ -8,10 +8,15 @@ STAMP := $(VENV)/.convmae-env-ok
 
 install: $(STAMP)
 
-# Re-run the (idempotent) set-up whenever what it installs may have changed.
-$(STAMP): setup.cfg pyproject.toml tools/setup_env.sh tools/install_mmcv.sh Makefile
+# Re-run the (idempotent) set-up whenever what it installs may have changed, and whenever a torch build is chosen
+# (TORCH_SPEC / TORCH_INDEX_URL, see tools/setup_env.sh).
+CHOSEN_TORCH := $(if $(TORCH_SPEC)$(TORCH_INDEX_URL),FORCE)
+$(STAMP): setup.cfg pyproject.toml tools/setup_env.sh tools/install_mmcv.sh Makefile $(CHOSEN_TORCH)
 	bash tools/setup_env.sh $(PYTHON) $(VENV)
 	@touch $@
+
+.PHONY: FORCE
+FORCE:
 
 test: install
 	$(PY) -m pytest -q tests

@@ -9,6 +9,7 @@ sampler), :mod:`.engine` (hooks, optimizer constructor, mixed precision, distrib
 logic, conversion, export, deployment, visualisation), :mod:`.checkpoint` (checkpoint files), :mod:`.testing`
 (synthetic data and tiny configs for tests and the demo).
 """
+from . import version_check  # noqa: F401  first: an ImportError naming the torch needed, if this one is older
 from .checkpoint import CheckpointError, register_safe_mmengine_loader, safe_torch_load
 from .datasets import ImageFolderDataset, SeededSampler
 from .engine import AtomicCheckpointHook, ConvMAELayerDecayOptimWrapperConstructor, NonFiniteLossHook, ReseedHook

@@ -7,6 +7,16 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA device (torch sees none); tools/gpu_check.sh runs it on a GPU')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)
+
 FIXTURE = Path(__file__).parent / 'fixtures' / 'official_convmae_small.pt'
 
 

@@ -365,6 +365,18 @@ def test_finetune_with_mmpretrain_train_tool_then_our_test_tool(tmp_path, finetu
     assert len(results) == 2 * NUM_CLASSES and results[0]['pred_score'].shape == (NUM_CLASSES,)
 
 
+def test_show_dir_paints_every_test_image_for_a_classifier(tmp_path, finetuned):
+    """tools/test.py --show-dir on an mmpretrain config: its VisualizationHook (enable=False in the config) draws
+    every test image into <work dir>/<show dir> (the 2 file names of each class folder: 2 files)."""
+    config, work, _ = finetuned
+    run([osp.join(REPO, 'tools', 'test.py'), config, osp.join(work, 'epoch_2.pth'), '--work-dir',
+         str(tmp_path / 'test'), '--show-dir', 'painted'], cwd=str(tmp_path))
+    painted = sorted(os.listdir(tmp_path / 'test' / 'painted'))
+    assert painted == ['0.png_0.png', '1.png_0.png']  # mmpretrain names them <image file name>_<step>.png
+    with Image.open(tmp_path / 'test' / 'painted' / painted[0]) as img:
+        assert img.size[0] >= 32 and img.size[1] >= 32
+
+
 def test_linear_probe_with_our_tools_keeps_the_encoder_frozen(tmp_path, data_root, pretrained):
     ckpt, pre_state = pretrained
     work = str(tmp_path / 'lin')

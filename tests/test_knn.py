@@ -1,6 +1,7 @@
 """The online k-NN monitor: DINO's weighted voting on hand-made features, the feature gathering across ranks
 (one process and two gloo processes), and the hook inside a tiny pretraining run through tools/pretrain.py."""
 import json
+import logging
 import math
 import os
 import os.path as osp
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from mmengine.hooks import Hook
 from PIL import Image
 
 import convmae_backbone  # noqa: F401
@@ -232,3 +234,129 @@ def test_hook_on_a_classifier_uses_its_backbone_and_rgb_normalisation(tmp_path):
     torch.testing.assert_close(ours, ref)
     result = hook.evaluate(_fake_runner(classifier), step=0)
     assert result == hook.evaluate(_fake_runner(pretrainer), step=0)
+
+
+def _write_corrupt(path):
+    """A file with an image extension that no decoder reads."""
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 8)
+
+
+def test_unreadable_images_are_left_out_with_a_warning_naming_them(tmp_path, monkeypatch):
+    from convmae_backbone.engine import knn
+    root = _write_folder(str(tmp_path / 'data'))
+    clean = KNNMonitorHook(data_root=root, k=4, batch_size=2).evaluate(_fake_runner(_tiny_pretrainer()), step=0)
+    bad_query = osp.join(root, 'val', 'class1', 'zz_bad.png')
+    bad_bank = osp.join(root, 'train', 'class0', 'zz_bad.png')
+    _write_corrupt(bad_query)
+    _write_corrupt(bad_bank)
+    logged = []
+    monkeypatch.setattr(knn, 'print_log', lambda msg, **kw: logged.append((kw.get('level'), msg)))
+    result = KNNMonitorHook(data_root=root, k=4, batch_size=2).evaluate(_fake_runner(_tiny_pretrainer()), step=0)
+    assert result == pytest.approx(clean, abs=1e-9)  # the bad files sort last: the same images are classified
+    warnings = [m for level, m in logged if level == logging.WARNING]
+    assert len(warnings) == 2 and all('skipped unreadable image' in m for m in warnings)
+    assert any(bad_query in m for m in warnings) and any(bad_bank in m for m in warnings)
+    assert '9 queries, 15 in the bank, 3 classes, 2 unreadable images left out' in logged[-1][1]
+
+
+def test_a_failure_inside_the_hook_is_logged_and_the_run_goes_on(tmp_path, monkeypatch):
+    from convmae_backbone.engine import knn
+    root = _write_folder(str(tmp_path / 'data'), per_class=(1, 1))
+    logged = []
+    monkeypatch.setattr(knn, 'print_log', lambda msg, **kw: logged.append((kw.get('level'), msg)))
+
+    def broken(encoder, images):
+        raise RuntimeError('out of memory (simulated)')
+
+    monkeypatch.setattr(knn, 'encoder_features', broken)
+    runner = _fake_runner(_tiny_pretrainer())
+    runner.max_epochs = 1
+    hook = KNNMonitorHook(data_root=root)
+    hook.before_train(runner)  # the evaluation at start fails: logged
+    hook.after_train_epoch(runner)  # so does the one after the last epoch
+    errors = [m for level, m in logged if level == logging.ERROR]
+    assert errors == [f'k-NN monitor failed after epoch {e} (RuntimeError: out of memory (simulated)); training '
+                      'goes on' for e in (0, 1)]
+    assert runner.visualizer.logged == []
+    with pytest.raises(RuntimeError, match='simulated'):  # called directly, evaluate() raises
+        hook.evaluate(runner, step=1)
+
+
+def _failing_rank_worker(rank, world, port, root, out_dir):
+    """Rank 1's encoder fails: both ranks must return from the hook (nobody waits in all_gather) and stay in
+    step for the next evaluation."""
+    from datetime import timedelta
+
+    from convmae_backbone.engine import knn
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch_dist.init_process_group('gloo', rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        logged = []
+        knn.print_log = lambda msg, **kw: logged.append(msg)  # this child process only
+        real = knn.encoder_features
+        if rank == 1:
+            def broken(encoder, images):
+                raise RuntimeError('encoder failed on rank 1')
+            knn.encoder_features = broken
+        hook = KNNMonitorHook(data_root=root, k=4, batch_size=2)
+        runner = _fake_runner(_tiny_pretrainer())
+        runner.max_epochs = 1
+        hook.after_train_epoch(runner)
+        knn.encoder_features = real
+        after = hook.evaluate(runner, step=2)
+        torch.save(dict(logged=logged, visual=runner.visualizer.logged, after=after),
+                   osp.join(out_dir, f'fail{rank}.pt'))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_a_failure_on_one_rank_neither_hangs_nor_ends_the_others(tmp_path):
+    root = _write_folder(str(tmp_path / 'data'))
+    expected = KNNMonitorHook(data_root=root, k=4, batch_size=2).evaluate(_fake_runner(_tiny_pretrainer()), step=0)
+    mp.start_processes(_failing_rank_worker, args=(2, _free_port(), root, str(tmp_path)), nprocs=2, join=True,
+                       start_method='fork')
+    outs = [torch.load(tmp_path / f'fail{rank}.pt', weights_only=False) for rank in range(2)]
+    assert ('k-NN monitor failed after epoch 1 (RuntimeError: k-NN evaluation failed on another process (see its '
+            'log)); training goes on') in outs[0]['logged']
+    assert ('k-NN monitor failed after epoch 1 (RuntimeError: encoder failed on rank 1); training goes on'
+            in outs[1]['logged'])
+    for out in outs:
+        assert out['visual'] == [(out['after'], 2)]  # only the evaluation that worked was logged
+        assert out['after'] == pytest.approx(expected, abs=1e-9)
+
+
+def test_hook_runs_after_the_checkpoint_hook_of_the_pretraining_config(tmp_path):
+    """The Runner built from the pretraining config with the k-NN monitor: the epoch checkpoint is written
+    before the monitor runs (a failure in it cannot cost the checkpoint)."""
+    from helpers import BASE_CFG, TINY_ARCH
+
+    from convmae_backbone.apis import cli
+    cfg = cli.load_config(str(BASE_CFG), work_dir=str(tmp_path / 'work'))
+    cfg.model.update(img_size=32, **TINY_ARCH)
+    cfg.custom_hooks.append(dict(type='KNNMonitorHook', data_root=str(tmp_path)))
+    runner = cli.build_runner(cfg)
+    after_epoch = [type(h).__name__ for h in runner.hooks  # runner.hooks: the order they are called in
+                   if type(h).after_train_epoch is not Hook.after_train_epoch]
+    assert after_epoch.index('AtomicCheckpointHook') < after_epoch.index('KNNMonitorHook') == len(after_epoch) - 1
+
+
+def test_corrupt_image_in_the_knn_folder_keeps_the_epoch_checkpoint(tmp_path):
+    """A tiny pretraining run (tools/pretrain.py) whose k-NN folder holds a corrupt image: warned about, the
+    epoch's checkpoint is written, the run exits 0."""
+    from helpers import make_images, write_tiny_config
+    knn_root = _write_folder(str(tmp_path / 'knn'), per_class=(2, 1), size=36)
+    _write_corrupt(osp.join(knn_root, 'val', 'class2', 'broken.jpg'))
+    hooks = ("custom_hooks = [dict(type='NonFiniteLossHook', max_rollbacks=3), dict(type='ReseedHook'), "
+             f"dict(type='KNNMonitorHook', data_root={knn_root!r}, interval=1, batch_size=4, at_start=False)]\n")
+    cfg = write_tiny_config(tmp_path / 'tiny_knn.py', make_images(tmp_path / 'data'), max_epochs=2, extra=hooks)
+    work = tmp_path / 'work'
+    proc = subprocess.run([sys.executable, osp.join(REPO, 'tools', 'pretrain.py'), str(cfg), '--work-dir', str(work)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS='1'))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert (work / 'epoch_1.pth').is_file() and (work / 'epoch_2.pth').is_file()
+    assert f"skipped unreadable image {osp.join(knn_root, 'val', 'class2', 'broken.jpg')!r}" in log
+    assert '3 queries, 6 in the bank, 3 classes, 1 unreadable images left out' in log

@@ -10,7 +10,7 @@ from helpers import TINY_ARCH, load_tool, write_tiny_config
 from mmengine.registry import MODELS
 from PIL import Image
 
-from convmae_backbone.apis import visualization
+from convmae_backbone.apis import cli, visualization
 from convmae_backbone.checkpoint import CheckpointError
 from convmae_backbone.apis.export import export_backbone
 
@@ -105,8 +105,8 @@ def test_training_options_behave_alike_for_every_scope(tmp_path, monkeypatch):
     assert _training_config([str(cfg_file), '--amp']).optim_wrapper.type == 'BF16OptimWrapper'  # CPU: bf16
     det_file = tmp_path / 'det_like.py'
     det_file.write_text(cfg_file.read_text().replace("'mmseg'", "'mmdet'"))
-    with pytest.raises(RuntimeError, match=r"--amp: no mixed precision available on device 'cpu' without bf16 "
-                                           r"\(mmdet: mmcv's detection ops"):
+    with pytest.raises(cli.ConfigError, match=r"--amp: no mixed precision available on device 'cpu' without bf16 "
+                                              r"\(mmdet: mmcv's detection ops"):
         _training_config([str(det_file), '--amp'], ('mmdet',))
     with pytest.raises(ValueError, match=r'param_scheduler\[1\] \(CosineAnnealingLR\) begins at epoch 3 but '
                                          r'train_cfg.max_epochs is 3'):

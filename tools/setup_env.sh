@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtual environment; idempotent (a second run takes seconds).
 #   1. torch: keep one the user already has (in the venv, or in the base Python, which the venv then sees);
-#      otherwise torch==2.14.1 torchvision==0.29.1.
-#   2. mmcv 2.1.0 built from source once and cached (tools/install_mmcv.sh).
+#      otherwise $TORCH_SPEC (default 'torch==2.14.1 torchvision==0.29.1': on PyPI the CUDA 13 build) from
+#      $TORCH_INDEX_URL if set. A TORCH_SPEC given explicitly is installed even where a torch exists, e.g. for a
+#      driver that needs another CUDA:
+#        TORCH_SPEC='torch==2.14.1+cu126 torchvision==0.29.1+cu126' \
+#        TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 make install
+#   2. mmcv 2.1.0 built from source once and cached (tools/install_mmcv.sh: CUDA ops where torch's CUDA, a GPU
+#      and a matching nvcc are there, or FORCE_CUDA=1; CPU ops otherwise, saying why).
 #   3. mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0, the rest, and this package in editable mode, never
 #      replacing torch.
 # Usage: tools/setup_env.sh [PYTHON] [VENV]
@@ -11,8 +16,12 @@ PYTHON=${1:-python3}
 VENV=${2:-.venv}
 cd "$(dirname "$0")/.."
 
+DEFAULT_TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
+TORCH_INDEX=()
+if [ -n "${TORCH_INDEX_URL:-}" ]; then TORCH_INDEX=(--index-url "$TORCH_INDEX_URL"); fi
+
 if [ ! -x "$VENV/bin/python" ]; then
-  if "$PYTHON" -c "import torch" 2>/dev/null; then
+  if [ -z "${TORCH_SPEC:-}" ] && "$PYTHON" -c "import torch" 2>/dev/null; then
     echo "[setup_env] $PYTHON already has torch $("$PYTHON" -c 'import torch; print(torch.__version__)'): keeping it"
     "$PYTHON" -m venv --system-site-packages "$VENV"
   else
@@ -22,9 +31,10 @@ fi
 PY="$VENV/bin/python"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "[setup_env] installing torch 2.14.1 / torchvision 0.29.1"
-  "${PIP[@]}" install -q torch==2.14.1 torchvision==0.29.1
+if [ -n "${TORCH_SPEC:-}" ] || ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "[setup_env] installing ${TORCH_SPEC:-$DEFAULT_TORCH_SPEC}${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
+  # shellcheck disable=SC2086  # the spec is a list of requirements
+  "${PIP[@]}" install -q "${TORCH_INDEX[@]}" ${TORCH_SPEC:-$DEFAULT_TORCH_SPEC}
 fi
 TORCH_VERSION=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
 CONSTRAINTS="$VENV/convmae-constraints.txt"

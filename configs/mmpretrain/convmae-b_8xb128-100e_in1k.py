@@ -104,7 +104,8 @@ train_cfg = dict(by_epoch=True, max_epochs=max_epochs, val_interval=1)
 auto_scale_lr = dict(base_batch_size=1024)
 
 default_hooks = dict(checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=3, save_best='auto'))
-# NonFiniteLossHook: stop at a NaN/Inf loss, as the official loop does; ReseedHook: a run resumed from an epoch
+# NonFiniteLossHook: at a NaN/Inf loss roll back to the last checkpoint and continue, at most 3 times, then stop
+# naming the iteration (the official loop stops at the first); ReseedHook: a run resumed from an epoch
 # checkpoint draws the same crops, augmentations and mixes as an uninterrupted one
 custom_hooks = [dict(type='NonFiniteLossHook'), dict(type='ReseedHook')]
 randomness = dict(seed=0, diff_rank_seed=True)

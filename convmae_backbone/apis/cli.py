@@ -14,13 +14,15 @@ import importlib
 import inspect
 import os
 import os.path as osp
+import re
 import sys
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 from ..checkpoint import CheckpointError
+from ..datasets.image_folder import find_images, image_dir
 from ..engine.amp import apply_amp
 from ..engine.distributed import finish_distributed, init_distributed
 from ..registry import DOWNSTREAM_SCOPES, PRETRAIN_SCOPES
@@ -32,15 +34,38 @@ class ConfigError(ValueError):
     """A config or a ``--cfg-options`` override that cannot work; the message names the key and the cause."""
 
 
+#: A value mmengine's ``DictAction`` leaves as a string although it is a call (``dict(type='X')``).
+_CALL = re.compile(r'^[A-Za-z_][\w.]*\(.*\)$', re.S)
+
+
 class CfgOptionsAction(DictAction):
-    """mmengine's ``DictAction`` that names the offending token when an option is not ``KEY=VALUE``."""
+    """mmengine's ``DictAction`` that names the offending token when an option is not ``KEY=VALUE``, and raises
+    :class:`ConfigError` for a value it cannot parse (Python expressions such as ``dict(...)``, on which mmengine
+    recurses without end when they hold a comma)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         for kv in values:
-            key = kv.split('=', 1)[0]
+            key, _, value = kv.partition('=')
             if '=' not in kv or not key:
                 parser.error(f'{option_string}: {kv!r} is not KEY=VALUE (e.g. model.backbone.depths=[1,1,3])')
+            try:
+                leaves = list(_leaves(self._parse_iterable(value)))
+            except (RecursionError, AssertionError):  # a comma inside a call, or unbalanced brackets
+                leaves = None
+            if leaves is None or any(isinstance(v, str) and _CALL.match(v) for v in leaves):
+                raise ConfigError(f'{option_string} {kv}: the value could not be parsed; --cfg-options takes '
+                                  f'numbers, strings, True/False/None and [...] or (...) of them, not Python '
+                                  f'expressions such as dict(...): set {key} in a config file')
         super().__call__(parser, namespace, values, option_string)
+
+
+def _leaves(value: Any) -> Iterator[Any]:
+    """The non-list, non-tuple elements of a (nested) value."""
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 def run_tool(main: Callable[[], Any]) -> Any:
@@ -91,10 +116,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None, launcher: str = '
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
-        check_overrides(cfg, cfg_options)
     cfg.launcher = launcher
     if scopes is not None and cfg.get('default_scope') not in scopes:
-        raise ValueError(f'{path}: default_scope must be one of {tuple(scopes)}, got {cfg.get("default_scope")!r}')
+        raise ConfigError(f'{path}: default_scope must be one of {tuple(scopes)}, got {cfg.get("default_scope")!r}')
+    check_keywords(cfg, path, cfg_options)
     if work_dir:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
@@ -132,30 +157,41 @@ def accepted_keywords(cls: type) -> Optional[List[str]]:
     return None
 
 
-def check_overrides(cfg: Config, cfg_options: dict) -> None:
-    """Raise :class:`ConfigError` for a ``--cfg-options`` key that names a keyword the model component it sets
-    does not take (e.g. ``model.backbone.depht``), listing the keywords that exist. Components are the dicts
-    whose ``type`` is in the MODELS registry of the config's ``default_scope``."""
+def _model_components(node: Any, key: str) -> Iterator[Tuple[str, dict]]:
+    """(dotted key, dict) of every dict with a ``type`` below ``node`` (at ``key``), list items by index. Dicts under
+    a ``*_cfg`` key (norm_cfg, act_cfg, init_cfg, train_cfg ...) are skipped: mmcv's and mmengine's builders
+    complete or consume their keys (e.g. ``requires_grad`` of a norm layer)."""
+    if isinstance(node, dict):
+        if 'type' in node:
+            yield key, node
+        for name, value in node.items():
+            if not str(name).endswith('_cfg'):
+                yield from _model_components(value, f'{key}.{name}')
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            yield from _model_components(value, f'{key}.{i}')
+
+
+def check_keywords(cfg: Config, path: str, cfg_options: Optional[dict] = None) -> None:
+    """Raise :class:`ConfigError` for a keyword that a component of ``cfg.model`` does not take (e.g.
+    ``model.backbone.depht``), listing the keywords that exist and the closest one; set by ``--cfg-options``
+    (named as that option) or in the config file ``path`` (named with the file). Components are the dicts whose
+    ``type`` is in the MODELS registry of the config's ``default_scope``."""
     scope = cfg.get('default_scope') or 'mmengine'
-    for key in cfg_options:
-        parts = key.split('.')
-        node: Any = cfg
-        for i, part in enumerate(parts[:-1]):
-            try:
-                node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
-            except (KeyError, IndexError, ValueError, TypeError):
-                break
-            if not isinstance(node, dict) or 'type' not in node:
-                continue
-            cls = _model_class(node['type'], scope)
-            keywords = accepted_keywords(cls) if cls is not None else None
-            name = parts[i + 1]
-            if keywords is None or name in keywords or name in ('type', '_scope_', '_delete_'):
+    overridden = set(cfg_options or ())
+    for key, node in _model_components(cfg.get('model'), 'model'):
+        cls = _model_class(node['type'], scope)
+        keywords = accepted_keywords(cls) if cls is not None else None
+        if keywords is None:
+            continue
+        for name in node:
+            if name in keywords or name in ('type', '_scope_', '_delete_'):
                 continue
             close = difflib.get_close_matches(name, keywords, n=1)
             hint = f' (did you mean {close[0]!r}?)' if close else ''
-            raise ConfigError(f'--cfg-options {key}: {cls.__name__} ({".".join(parts[:i + 1])}) has no keyword '
-                              f'{name!r}{hint}; its keywords: {", ".join(keywords)}')
+            where = f'--cfg-options {key}.{name}' if f'{key}.{name}' in overridden else f'{path}: {key}.{name}'
+            raise ConfigError(f'{where}: {cls.__name__} ({key}) has no keyword {name!r}{hint}; its keywords: '
+                              f'{", ".join(keywords)}')
 
 
 def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] = None) -> Config:
@@ -163,7 +199,10 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
     (``default_scope`` in ``scopes``, :func:`check_schedule`)."""
     cfg = load_config(args.config, args.cfg_options, args.launcher, args.work_dir, scopes)
     if getattr(args, 'amp', False):
-        apply_amp(cfg)
+        try:
+            apply_amp(cfg)
+        except (RuntimeError, ValueError) as exc:  # no mixed precision for this config on this device
+            raise ConfigError(str(exc)) from exc
     if getattr(args, 'auto_scale_lr', False):
         enable_auto_scale_lr(cfg, args.config)
     if getattr(args, 'resume', None) is not None:
@@ -176,7 +215,7 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
 def enable_auto_scale_lr(cfg: Config, path: str) -> None:
     """Turn on mmengine's lr scaling by (total batch size) / ``auto_scale_lr.base_batch_size``."""
     if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
-        raise ValueError(f'{path} has no auto_scale_lr.base_batch_size; --auto-scale-lr needs it')
+        raise ConfigError(f'{path} has no auto_scale_lr.base_batch_size; --auto-scale-lr needs it')
     cfg.auto_scale_lr.enable = True
 
 
@@ -186,9 +225,27 @@ def check_schedule(cfg: Config) -> None:
     schedulers = cfg.get('param_scheduler') or []
     for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
         if max_epochs is not None and sched.get('by_epoch', True) and sched.get('begin', 0) >= max_epochs:
-            raise ValueError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {sched["begin"]} but '
+            raise ConfigError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {sched["begin"]} but '
                              f'train_cfg.max_epochs is {max_epochs}; train longer than the warm-up or change '
                              f'param_scheduler')
+
+
+def check_data(cfg: Config, loader: str) -> None:
+    """Raise :class:`ConfigError` before anything is built when the dataset of ``cfg[loader]`` (e.g.
+    ``'train_dataloader'``; inside dataset wrappers too) reads a local ``data_root`` that does not exist, or is
+    an :class:`~convmae_backbone.datasets.ImageFolderDataset` whose folder holds no image."""
+    dataset = (cfg.get(loader) or {}).get('dataset')
+    key = f'{loader}.dataset'
+    while isinstance(dataset, dict):
+        root = dataset.get('data_root')
+        if dataset.get('type') == 'ImageFolderDataset':
+            try:
+                find_images(image_dir(root, dataset.get('subdir', 'train')))
+            except FileNotFoundError as exc:
+                raise ConfigError(f'{key}: {exc}') from None
+        elif isinstance(root, str) and root and '://' not in root and not osp.isdir(root):
+            raise ConfigError(f'{key}.data_root {root!r} is not a folder')
+        dataset, key = dataset.get('dataset'), f'{key}.dataset'
 
 
 def build_runner(cfg: Config) -> Runner:
@@ -206,7 +263,9 @@ def build_runner(cfg: Config) -> Runner:
 
 def _train(argv: Optional[Sequence[str]], description: str, scopes: Sequence[str]) -> Runner:
     parser = add_common_args(argparse.ArgumentParser(description=description))
-    runner = build_runner(config_from_args(parse_args(parser, argv), scopes))
+    cfg = config_from_args(parse_args(parser, argv), scopes)
+    check_data(cfg, 'train_dataloader')
+    runner = build_runner(cfg)
     runner.train()
     finish_distributed()
     return runner
@@ -247,10 +306,11 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
     if args.show or args.show_dir:
         enable_visualization(cfg, args.show, args.show_dir, args.wait_time)
     if args.out is not None and scope in ('mmdet', 'mmpretrain') and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out must be a .pkl file for {scope}, got {args.out!r}')
+        raise ConfigError(f'--out must be a .pkl file for {scope}, got {args.out!r}')
     if args.out is not None and scope == 'mmseg':
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
+    check_data(cfg, 'test_dataloader')
     runner = build_runner(cfg)
     if args.out is not None and scope == 'mmdet':
         from mmdet.evaluation import DumpDetResults
@@ -264,16 +324,23 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
 
 
 def enable_visualization(cfg: Config, show: bool, show_dir: Optional[str], wait_time: float) -> None:
-    """Turn on the config's visualization hook: draw, and show (``show``) or save under ``show_dir``."""
+    """Turn on the config's visualization hook: draw, and show (``show``) or save under ``show_dir`` (inside the
+    work dir). mmdet's and mmseg's hooks take ``draw``; mmpretrain's takes ``enable`` and draws every
+    ``interval``-th sample (set to 1, as the others draw every test image)."""
     hook = cfg.default_hooks.get('visualization')
     if hook is None:
-        raise RuntimeError('--show/--show-dir need a visualization hook in default_hooks')
-    hook['draw'] = True
+        raise ConfigError('--show/--show-dir need a visualization hook in default_hooks')
+    if cfg.default_scope == 'mmpretrain':
+        hook.update(enable=True, interval=1)
+    else:
+        hook['draw'] = True
     if show:
         hook['show'] = True
         hook['wait_time'] = wait_time
     if show_dir:
         if cfg.default_scope == 'mmdet':
             hook['test_out_dir'] = show_dir
+        elif cfg.default_scope == 'mmpretrain':
+            hook['out_dir'] = osp.join(cfg.work_dir, show_dir)
         else:
             cfg.visualizer['save_dir'] = show_dir

@@ -45,6 +45,25 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert('RGB')
 
 
+def image_dir(data_root: Optional[str], subdir: Optional[str] = 'train') -> str:
+    """The folder :class:`ImageFolderDataset` reads: ``data_root/subdir`` when that exists, else ``data_root``."""
+    root = data_root or ''
+    if subdir and osp.isdir(osp.join(root, subdir)):
+        return osp.join(root, subdir)
+    return root
+
+
+def find_images(folder: str) -> List[str]:
+    """:func:`list_images` of ``folder``; ``FileNotFoundError`` naming it when it is missing or holds no image."""
+    if not folder or not osp.isdir(folder):
+        raise FileNotFoundError(f'image folder {folder!r} does not exist (set train_dataloader.dataset.data_root to '
+                                f'a folder of images)')
+    files = list_images(folder)
+    if not files:
+        raise FileNotFoundError(f'image folder {folder!r} holds no images with extensions {IMG_EXTENSIONS}')
+    return files
+
+
 @register('DATASETS')
 class ImageFolderDataset(BaseDataset):
     """Every image below ``data_root/subdir`` (when that folder exists) or else below ``data_root``, recursively.
@@ -59,19 +78,11 @@ class ImageFolderDataset(BaseDataset):
 
     @property
     def image_dir(self) -> str:
-        root = self.data_root or ''
-        if self.subdir and osp.isdir(osp.join(root, self.subdir)):
-            return osp.join(root, self.subdir)
-        return root
+        return image_dir(self.data_root, self.subdir)
 
     def load_data_list(self) -> List[dict]:
         root = self.image_dir
-        if not root or not osp.isdir(root):
-            raise FileNotFoundError(f'image folder {root!r} does not exist (set train_dataloader.dataset.'
-                                    f'data_root to a folder of images)')
-        files = list_images(root)
-        if not files:
-            raise FileNotFoundError(f'image folder {root!r} holds no images with extensions {IMG_EXTENSIONS}')
+        files = find_images(root)
         print_log(f'ImageFolderDataset: {len(files)} images under {root}', logger='current')
         return [dict(img_path=f) for f in files]
 

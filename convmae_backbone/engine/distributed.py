@@ -59,6 +59,8 @@ class CPUSyncBatchNorm(_BatchNorm):
 
     Not a subclass of ``torch.nn.SyncBatchNorm``: DDP refuses modules that contain one on the CPU, and
     ``SyncBatchNorm`` refuses CPU tensors. Single process, eval mode or no process group: plain batch norm.
+    Under bf16/fp16 autocast the statistics, running buffers and normalisation are fp32; the output has the
+    input's dtype.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
@@ -77,21 +79,25 @@ class CPUSyncBatchNorm(_BatchNorm):
             return super().forward(x)
         group = self.process_group or dist.group.WORLD
         dims = [0, *range(2, x.dim())]
-        count = _AllReduceSum.apply(x.new_tensor([x.numel() / x.shape[1]]), group)
-        mean = _AllReduceSum.apply(x.sum(dims), group) / count  # two passes: the precision of a local BN
+        # Statistics and normalisation in (at least) fp32, also for bf16/fp16 inputs under autocast (as torch's
+        # batch norm keeps fp32 statistics); the output has the input's dtype.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        count = _AllReduceSum.apply(xf.new_tensor([x.numel() / x.shape[1]]), group)
+        mean = _AllReduceSum.apply(xf.sum(dims), group) / count  # two passes: the precision of a local BN
         shape = [1, -1] + [1] * (x.dim() - 2)
-        centred = x - mean.view(shape)
+        centred = xf - mean.view(shape)
         var = _AllReduceSum.apply((centred * centred).sum(dims), group) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum)
-                self.running_mean.lerp_(mean.detach(), momentum)
-                self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         out = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        return out
+            out = out * self.weight.view(shape).to(out.dtype) + self.bias.view(shape).to(out.dtype)
+        return out.to(x.dtype)
 
 
 def dist_backend(requested: Optional[str] = None) -> str:

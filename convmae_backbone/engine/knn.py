@@ -10,6 +10,12 @@ k-NN voting as DINO does (k = 20, temperature 0.07)::
 It logs ``knn/top1`` and ``knn/top5`` (percent) to the log and to the visualizer (``vis_data/scalars.json``,
 with ``step`` = the number of finished epochs, 0 before training). :func:`plot_knn_curve` draws them.
 Under DDP every rank embeds its share of the images and the features are gathered from all ranks.
+
+The monitor never costs a run: it runs after the epoch's checkpoint is written (priority ``LOWEST``, after
+``CheckpointHook``'s ``VERY_LOW``), an unreadable image is skipped with a warning naming it, and any other failure
+is logged as an error and the run goes on. Under DDP the ranks first agree (an all-reduced flag) that every one
+of them embedded its share before any features are gathered, so a rank that failed never leaves the others
+waiting in ``all_gather``.
 """
 import json
 import logging
@@ -20,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmengine.dist import all_gather, get_dist_info
+from mmengine.dist import all_gather, all_reduce, get_dist_info
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
@@ -112,11 +118,12 @@ def encoder_features(encoder: nn.Module, images: Tensor) -> Tensor:
     return F.normalize(s3.mean(dim=(2, 3)), dim=1)
 
 
-def gather_features(local: Tensor, local_index: Tensor, total: int) -> Tensor:
-    """Features of all ranks in dataset order: rank r holds rows ``local_index`` (n_r, D) of a (total, D) table.
+def gather_rows(local: Tensor, local_index: Tensor, total: int) -> Tuple[Tensor, Tensor]:
+    """Rows of all ranks in dataset order: rank r holds rows ``local_index`` (n_r, D) of a (total, D) table.
 
-    Works for any split of the indices whose shards differ in size (padded to the largest before
-    ``mmengine.dist.all_gather``); in a single process it only reorders.
+    Returns (table (total, D), present (total,) bool): rows no rank holds (e.g. unreadable images) are zero
+    and not present. Works for any split whose shards differ in size (padded to the largest before
+    ``mmengine.dist.all_gather``); in a single process it only reorders. A row held twice is an error.
     """
     counts = all_gather(torch.tensor([local.shape[0]], device=local.device))
     width = int(max(c.item() for c in counts))
@@ -127,10 +134,32 @@ def gather_features(local: Tensor, local_index: Tensor, total: int) -> Tensor:
     keep = index >= 0
     out = local.new_zeros(total, local.shape[1])
     out[index[keep]] = feats[keep]
-    if keep.sum().item() != total or torch.unique(index[keep]).numel() != total:
-        raise RuntimeError(f'gathered {keep.sum().item()} features for {total} images: the ranks\' shards do not '
+    present = torch.zeros(total, dtype=torch.bool, device=local.device)
+    present[index[keep]] = True
+    if int(present.sum()) != int(keep.sum()):
+        raise RuntimeError(f'gathered {int(keep.sum())} rows for {int(present.sum())} images: the ranks\' shards '
+                           'overlap')
+    return out, present
+
+
+def gather_features(local: Tensor, local_index: Tensor, total: int) -> Tensor:
+    """:func:`gather_rows` where the ranks' shards must cover the dataset exactly once: the (total, D) table."""
+    out, present = gather_rows(local, local_index, total)
+    if not present.all():
+        raise RuntimeError(f'gathered {int(present.sum())} features for {total} images: the ranks\' shards do not '
                            'cover the dataset exactly once')
     return out
+
+
+def raise_on_any_rank(error: Optional[Exception], what: str) -> None:
+    """Raise ``error`` on the rank that had it and a ``RuntimeError`` naming ``what`` on every other rank when
+    any rank had one (an all-reduced flag; every rank must call this); return on all ranks when none had."""
+    failed = torch.tensor([float(error is not None)])
+    all_reduce(failed, op='max')
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f'{what} failed on another process (see its log)')
 
 
 @register('HOOKS')
@@ -149,9 +178,11 @@ class KNNMonitorHook(Hook):
 
     The encoder is the runner's model (unwrapped from DDP) or its ``.backbone``: anything with ConvViT's
     ``forward_features``; images are normalised with the mean and std of the model's ``data_preprocessor``.
+    Unreadable images are left out (a warning names each); :meth:`evaluate` raises on other failures, the hook's
+    calls of it log them (``ERROR``) and return, the run continues.
     """
 
-    priority = 'LOW'  # after the checkpoint hook: a failure here never costs a checkpoint
+    priority = 'LOWEST'  # after CheckpointHook ('VERY_LOW'): the epoch's checkpoint is written first
 
     def __init__(self, data_root: Optional[str] = None, interval: int = 1, k: int = 20, temperature: float = 0.07,
                  img_size: Optional[int] = None, batch_size: int = 64, at_start: bool = True,
@@ -177,59 +208,111 @@ class KNNMonitorHook(Hook):
                              f'{bank[2]}, {self.splits[1]} has {queries[2]}')
         self._data = (bank, queries)
 
-    def _embed(self, model: nn.Module, encoder: nn.Module, paths: List[str], size: int) -> Tensor:
-        rank, world = get_dist_info()
-        index = torch.arange(rank, len(paths), world)
-        device = next(encoder.parameters()).device
-        feats = []
-        for start in range(0, len(index), self.batch_size):
-            batch = [load_eval_image(paths[i], size) for i in index[start:start + self.batch_size].tolist()]
-            feats.append(encoder_features(encoder, normalise(model, torch.stack(batch).to(device))).float())
-        local = torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dims[2], device=device)
-        return gather_features(local, index, len(paths))
-
-    @torch.no_grad()
-    def evaluate(self, runner, step: int) -> Dict[str, float]:
-        """Embed both splits, classify the queries; log (at ``step``, the number of finished epochs) and return
-        ``{'knn/top1': %, 'knn/top5': %}``."""
-        if self._data is None:
-            self._load_splits(runner)
-        (bank_paths, bank_labels, classes), (query_paths, query_labels, _) = self._data
+    def _encoder(self, runner) -> Tuple[nn.Module, nn.Module]:
+        """(model unwrapped from DDP, its encoder)."""
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         encoder = model if hasattr(model, 'forward_features') else getattr(model, 'backbone', None)
         if encoder is None or not hasattr(encoder, 'forward_features'):
             raise TypeError(f'KNNMonitorHook needs a ConvViT encoder (forward_features), got {type(model).__name__}')
-        size = self.img_size or int(encoder.pos_grid[0] * 16)
-        if size % 16:
-            raise ValueError(f'KNNMonitorHook img_size must be a multiple of 16, got {size}')
-        was_training = model.training
-        model.eval()
+        return model, encoder
+
+    def _embed_local(self, model: nn.Module, encoder: nn.Module, paths: List[str],
+                     size: int) -> Tuple[Tensor, Tensor]:
+        """This rank's share of ``paths`` (every world-th image): (features (n, C3), their indices (n,)); images
+        that cannot be read are left out with a warning naming the file."""
+        rank, world = get_dist_info()
+        device = next(encoder.parameters()).device
+        feats, loaded = [], []
+        share = list(range(rank, len(paths), world))
+        for start in range(0, len(share), self.batch_size):
+            batch = []
+            for i in share[start:start + self.batch_size]:
+                try:
+                    batch.append(load_eval_image(paths[i], size))
+                except Exception as exc:  # noqa: BLE001 - any decoding failure means: leave this image out
+                    print_log(f'k-NN monitor: skipped unreadable image {paths[i]!r} ({type(exc).__name__}: {exc})',
+                              logger='current', level=logging.WARNING)
+                    continue
+                loaded.append(i)
+            if batch:
+                images = normalise(model, torch.stack(batch).to(device))
+                feats.append(encoder_features(encoder, images).float())
+        local = torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dims[2], device=device)
+        return local, torch.tensor(loaded, dtype=torch.long)
+
+    def _embed(self, model: nn.Module, encoder: nn.Module, paths: List[str],
+               size: int) -> Tuple[Tensor, Tensor]:
+        """(features (len(paths), C3), readable (len(paths),) bool) of every image, embedded by all ranks."""
+        local, index = self._embed_local(model, encoder, paths, size)
+        return gather_rows(local, index, len(paths))
+
+    @torch.no_grad()
+    def evaluate(self, runner, step: int) -> Dict[str, float]:
+        """Embed both splits, classify the queries; log (at ``step``, the number of finished epochs) and return
+        ``{'knn/top1': %, 'knn/top5': %}``.
+
+        Each rank embeds its share; then all ranks agree whether every one succeeded before the features are
+        gathered (all collectives are reached by all ranks or by none), and raise together if one did not."""
+        error, local = None, None
         try:
-            bank = self._embed(model, encoder, bank_paths, size)
-            queries = self._embed(model, encoder, query_paths, size)
-        finally:
-            model.train(was_training)
-        scores = knn_scores(bank, torch.tensor(bank_labels, device=bank.device), queries, len(classes),
-                            self.k, self.temperature)
-        acc = topk_accuracy(scores, torch.tensor(query_labels, device=scores.device))
+            if self._data is None:
+                self._load_splits(runner)
+            model, encoder = self._encoder(runner)
+            size = self.img_size or int(encoder.pos_grid[0] * 16)
+            if size % 16:
+                raise ValueError(f'KNNMonitorHook img_size must be a multiple of 16, got {size}')
+            was_training = model.training
+            model.eval()
+            try:
+                local = [self._embed_local(model, encoder, split[0], size) for split in self._data]
+            finally:
+                model.train(was_training)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = exc
+        raise_on_any_rank(error, 'k-NN evaluation')
+        (_, bank_labels, classes), (_, query_labels, _) = self._data
+        (bank, bank_ok), (queries, query_ok) = (gather_rows(*feats, len(split[0]))
+                                                for feats, split in zip(local, self._data))
+        if not bank_ok.any() or not query_ok.any():
+            split = self.splits[0] if not bank_ok.any() else self.splits[1]
+            raise RuntimeError(f'no readable image in the {split!r} split of {self.data_root!r}')
+        bank_labels = torch.tensor(bank_labels, device=bank.device)[bank_ok]
+        scores = knn_scores(bank[bank_ok], bank_labels, queries[query_ok], len(classes), self.k, self.temperature)
+        acc = topk_accuracy(scores, torch.tensor(query_labels, device=scores.device)[query_ok])
         result = {KNN_KEYS[0]: acc[1], KNN_KEYS[1]: acc[5]}
         for key, value in result.items():
             runner.message_hub.update_scalar(key, value)
         runner.visualizer.add_scalars(result, step=step)
+        skipped = int((~bank_ok).sum()) + int((~query_ok).sum())
         print_log(f'k-NN (k={self.k}, T={self.temperature}) after epoch {step}: top-1 {acc[1]:.2f}%, '
-                  f'top-5 {acc[5]:.2f}% ({len(query_paths)} queries, {len(bank_paths)} in the bank, '
-                  f'{len(classes)} classes)', logger='current')
+                  f'top-5 {acc[5]:.2f}% ({int(query_ok.sum())} queries, {int(bank_ok.sum())} in the bank, '
+                  f'{len(classes)} classes{f", {skipped} unreadable images left out" if skipped else ""})',
+                  logger='current')
         return result
 
+    def _evaluate_logged(self, runner, step: int) -> Optional[Dict[str, float]]:
+        """:meth:`evaluate`; a failure is logged (ERROR) and None returned: the monitor never ends a run."""
+        try:
+            return self.evaluate(runner, step)
+        except Exception as exc:  # noqa: BLE001 - the monitor must not cost the run
+            print_log(f'k-NN monitor failed after epoch {step} ({type(exc).__name__}: {exc}); training goes on',
+                      logger='current', level=logging.ERROR)
+            return None
+
     def before_train(self, runner) -> None:
-        if self._data is None:
-            self._load_splits(runner)  # fail at start, not after the first epoch, when the folder is wrong
+        error = None
+        try:  # a wrong folder fails at the start (nothing trained yet), on every rank alike, not after an epoch
+            if self._data is None:
+                self._load_splits(runner)
+        except Exception as exc:  # noqa: BLE001 - re-raised by raise_on_any_rank
+            error = exc
+        raise_on_any_rank(error, 'KNNMonitorHook: reading the k-NN folder')
         if self.at_start and runner.epoch == 0:
-            self.evaluate(runner, step=0)
+            self._evaluate_logged(runner, step=0)
 
     def after_train_epoch(self, runner) -> None:
         if self.every_n_epochs(runner, self.interval) or self.is_last_train_epoch(runner):
-            self.evaluate(runner, step=runner.epoch + 1)  # runner.epoch counts from 0 until this hook returns
+            self._evaluate_logged(runner, step=runner.epoch + 1)  # runner.epoch counts from 0 until this returns
 
 
 def read_knn_curve(scalars_json: str, key: str = KNN_KEYS[0]) -> Tuple[List[int], List[float]]:
