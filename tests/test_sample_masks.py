@@ -9,7 +9,7 @@ from PIL import Image
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAEPretrainer
 from convmae_backbone.datasets.transforms import RandomBlockMask
-from convmae_backbone.models.masking import batch_masks
+from convmae_backbone.models.masking import batch_masks, num_visible_tokens, random_mask
 
 PIPELINE = [dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', size=64),
             dict(type='MAERandomFlip', prob=0.5), dict(type='RandomBlockMask', input_size=64, mask_ratio=0.75),
@@ -36,6 +36,43 @@ def test_transform_draws_exact_count_and_checks_its_input():
         RandomBlockMask(mask_ratio=1.0)
     with pytest.raises(ValueError, match=r'expects \(64, 64\) images \(put it after the crop\), got \(32, 48\)'):
         RandomBlockMask(input_size=64)(dict(img=Image.new('RGB', (48, 32))))
+
+
+def test_transform_takes_numpy_and_pil_images_and_checks_their_size():
+    """mmcv's LoadImageFromFile gives numpy (H, W, C) arrays (their ``.size`` is an int), PIL images (W, H)."""
+    mask = RandomBlockMask(input_size=(32, 48), mask_ratio=0.5)
+    for img in (np.zeros((32, 48, 3), np.uint8), np.zeros((32, 48), np.uint8), Image.new('RGB', (48, 32))):
+        out = mask(dict(img=img))
+        assert out['mask'].shape == (6,) and int((~out['mask']).sum()) == 3 and out['img'] is img
+    with pytest.raises(ValueError, match=r'expects \(32, 48\) images \(put it after the crop\), got \(48, 32\)'):
+        mask(dict(img=np.zeros((48, 32, 3), np.uint8)))
+    with pytest.raises(TypeError, match=r'PIL image or a numpy array \(H, W\[, C\]\), got Tensor\(3, 32, 48\)'):
+        mask(dict(img=torch.zeros(3, 32, 48)))
+
+
+@pytest.mark.parametrize('ratio', [0.0, -0.1, 1.0, 1.5])
+def test_mask_ratio_outside_the_open_interval_is_refused_everywhere(ratio):
+    """0 masks nothing (the loss would be 0/0 = NaN), 1 leaves nothing to encode: refused by the transform, the
+    model and the mask drawing, each naming mask_ratio and the interval."""
+    match = rf'mask_ratio must be in the open interval \(0, 1\), got {ratio}'
+    with pytest.raises(ValueError, match=match):
+        RandomBlockMask(input_size=64, mask_ratio=ratio)
+    with pytest.raises(ValueError, match=match):
+        ConvMAEPretrainer(**TINY, mask_ratio=ratio)
+    with pytest.raises(ValueError, match=match):
+        random_mask(1, 16, ratio)
+
+
+def test_visible_count_is_one_rule():
+    assert num_visible_tokens(196, 0.75) == 49 and num_visible_tokens(16, 0.6) == 6  # int(6.4)
+    assert int((~random_mask(3, 196, 0.75)).sum(dim=1).unique()) == 49
+    with pytest.raises(ValueError, match=r'mask_ratio=0.9 leaves 0 of 4 tokens visible'):
+        num_visible_tokens(4, 0.9)  # in range, but nothing left to encode on a 2x2 grid
+    with pytest.raises(ValueError, match=r'mask_ratio=0.9 leaves 0 of 4 tokens visible'):
+        RandomBlockMask(input_size=32, mask_ratio=0.9)
+    model = ConvMAEPretrainer(**TINY, mask_ratio=0.5)
+    with pytest.raises(ValueError, match=r'mask_ratio=0.5 leaves 0 of 1 tokens visible'):  # a 1x1 token grid
+        model.forward_mae(torch.randn(1, 3, 16, 16))
 
 
 def test_mask_is_a_function_of_index_and_seed(dataset):

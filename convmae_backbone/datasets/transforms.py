@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from ..models.masking import random_mask
+from ..models.masking import num_visible_tokens, random_mask
 from ..registry import register
 from .image_folder import to_rgb8
 
@@ -114,9 +114,10 @@ class PackMAEInputs(BaseTransform):
 @register('TRANSFORMS')
 class RandomBlockMask(BaseTransform):
     """Draw ``results['mask']``: (L,) bool, True = masked, over the (input / patch) token grid, with exactly
-    ``int(L * (1 - mask_ratio))`` visible tokens (the rule of :func:`~convmae_backbone.models.masking.random_mask`).
+    :func:`~convmae_backbone.models.masking.num_visible_tokens` visible tokens (``int(L * (1 - mask_ratio))``).
 
-    Uses torch's global RNG, which :class:`~.samplers.SeededSampler` seeds per sample. Place it
+    ``results['img']`` is a PIL image or a numpy array (H, W[, C]) (mmcv's ``LoadImageFromFile``); its size must
+    be ``input_size``. Uses torch's global RNG, which :class:`~.samplers.SeededSampler` seeds per sample. Place it
     after the crop, before ``PackMAEInputs``. ``input_size`` and ``mask_ratio`` must match the model's
     ``img_size`` and ``mask_ratio`` (the model checks the number of visible tokens).
     """
@@ -125,23 +126,31 @@ class RandomBlockMask(BaseTransform):
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if len(size) != 2 or size[0] % patch_size or size[1] % patch_size or min(size) <= 0:
             raise ValueError(f'input_size {input_size} must be positive multiples of patch_size {patch_size}')
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
         self.grid: Tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
+        num_visible_tokens(self.grid[0] * self.grid[1], mask_ratio)  # refuses a ratio outside (0, 1) here
         self.input_size, self.patch_size, self.mask_ratio = size, patch_size, mask_ratio
 
     def transform(self, results: dict) -> dict:
         img = results.get('img')
-        if img is not None and hasattr(img, 'size') and not callable(img.size):  # PIL: (W, H)
-            if tuple(img.size[::-1]) != self.input_size:
-                raise ValueError(f'RandomBlockMask expects {self.input_size} images (put it after the crop), got '
-                                 f'{tuple(img.size[::-1])}')
+        if img is not None and image_hw(img) != self.input_size:
+            raise ValueError(f'RandomBlockMask expects {self.input_size} images (put it after the crop), got '
+                             f'{image_hw(img)}')
         results['mask'] = random_mask(1, self.grid[0] * self.grid[1], self.mask_ratio)[0]
         return results
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(input_size={self.input_size}, patch_size={self.patch_size}, '
                 f'mask_ratio={self.mask_ratio})')
+
+
+def image_hw(img: Union[Image.Image, np.ndarray]) -> Tuple[int, int]:
+    """(height, width) of a PIL image or of a numpy array (H, W[, C]); ``TypeError`` naming any other type."""
+    if isinstance(img, Image.Image):
+        return img.size[1], img.size[0]
+    if isinstance(img, np.ndarray) and img.ndim in (2, 3):
+        return int(img.shape[0]), int(img.shape[1])
+    raise TypeError(f'expected a PIL image or a numpy array (H, W[, C]), got {type(img).__name__}'
+                    f'{tuple(img.shape) if hasattr(img, "shape") else ""}')
 
 
 def pack_mask(results: dict, packed: dict) -> dict:

@@ -72,10 +72,10 @@ class BlockMask:
     @classmethod
     def random(cls, batch: int, grid: Tuple[int, int], mask_ratio: float, device=None,
                generator: Optional[torch.Generator] = None) -> 'BlockMask':
-        """Exactly ``int(L * (1 - mask_ratio))`` visible tokens per image, drawn independently per image."""
+        """Exactly :func:`num_visible_tokens` visible tokens per image, drawn independently per image."""
         num_tokens = grid[0] * grid[1]
         return cls(random_mask(batch, num_tokens, mask_ratio, device, generator), grid,
-                   int(num_tokens * (1 - mask_ratio)))
+                   num_visible_tokens(num_tokens, mask_ratio))
 
     # ------------------------------------------------------------------------------------- tokens (B, L, C)
     def keep(self, x: Tensor) -> Tensor:
@@ -133,10 +133,28 @@ class BlockMask:
         return dense[self._batch[:, :, None, None], rows, cols]
 
 
+def check_mask_ratio(mask_ratio: float) -> float:
+    """``mask_ratio`` if it is in the open interval (0, 1), else ``ValueError`` naming it (0 leaves nothing to
+    reconstruct: a NaN loss; 1 leaves nothing to encode)."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f'mask_ratio must be in the open interval (0, 1), got {mask_ratio}')
+    return mask_ratio
+
+
+def num_visible_tokens(num_tokens: int, mask_ratio: float) -> int:
+    """The number of visible tokens of an ``num_tokens`` grid under ``mask_ratio``: ``int(L * (1 - mask_ratio))``,
+    the official rule. ``ValueError`` naming ``mask_ratio`` if that leaves no token visible or none masked."""
+    num_visible = int(num_tokens * (1 - check_mask_ratio(mask_ratio)))
+    if not 0 < num_visible < num_tokens:
+        raise ValueError(f'mask_ratio={mask_ratio} leaves {num_visible} of {num_tokens} tokens visible; at least one '
+                         f'must be visible and one masked')
+    return num_visible
+
+
 def random_mask(batch: int, num_tokens: int, mask_ratio: float, device=None,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """(B, L) bool, True = masked, with exactly int(L * (1 - mask_ratio)) visible tokens in every row."""
-    num_visible = int(num_tokens * (1 - mask_ratio))
+    """(B, L) bool, True = masked, with exactly :func:`num_visible_tokens` visible tokens in every row."""
+    num_visible = num_visible_tokens(num_tokens, mask_ratio)
     noise = torch.rand(batch, num_tokens, device=device, generator=generator)
     rank = noise.argsort(dim=1).argsort(dim=1)
     return rank >= num_visible

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..registry import register
 from .attention import TransformerBlock
 from .convvit import ConvViT
-from .masking import BlockMask, batch_masks
+from .masking import BlockMask, batch_masks, check_mask_ratio, num_visible_tokens
 from .sparse_conv import conv_as_linear
 from .utils import get_2d_sincos_pos_embed, patchify
 from .weights import PRETRAINING_ONLY
@@ -51,11 +51,10 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         if unknown:
             raise TypeError(f'ConvMAEPretrainer got unexpected arguments {unknown}; the encoder takes '
                             f'{list(self.ENCODER_ARGS)}')
+        check_mask_ratio(mask_ratio)
         super().__init__(**encoder_args, init_cfg=init_cfg, data_preprocessor=data_preprocessor)
         if loss_type not in ('mse', 'l1'):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
-        if not 0.0 <= mask_ratio < 1.0:
-            raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
         dims, p = self.embed_dims, self.patch_sizes
         self.mask_ratio, self.norm_pix_loss, self.loss_type = mask_ratio, norm_pix_loss, loss_type
         self.sparse = sparse
@@ -170,7 +169,7 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         if mask is None:
             block_mask = BlockMask.random(imgs.shape[0], grid, self.mask_ratio, imgs.device, generator)
         else:
-            expected = int(grid[0] * grid[1] * (1 - self.mask_ratio)) if from_ratio else None
+            expected = num_visible_tokens(grid[0] * grid[1], self.mask_ratio) if from_ratio else None
             try:
                 block_mask = BlockMask(mask.to(imgs.device), grid, expected)
             except ValueError as exc:
