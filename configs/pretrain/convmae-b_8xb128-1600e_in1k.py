@@ -44,8 +44,12 @@ model = dict(
         bgr_to_rgb=False))
 
 train_pipeline = [
-    dict(type='LoadRGBImage'),  # any mode -> 8-bit RGB; unreadable files are skipped with a warning
-    dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
+    # RandomResizedCrop(224, scale (0.2, 1), bicubic) as the official code, but decoding only what the crop needs
+    # (JPEG DCT scaling when the crop is >= 2x the output; libjpeg-turbo via simplejpeg) and resizing uint8 with
+    # torch's antialiased bicubic (PIL's filter), not PIL's: same crop distribution, pixels within ~1 level
+    # (tests/test_input_pipeline.py). Any image mode -> 8-bit RGB; unreadable files are skipped with a warning.
+    # `dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', ...)` is the official-style pipeline.
+    dict(type='DecodeRandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
     dict(type='MAERandomFlip', prob=0.5),
     # the sample's mask, from its seed like the crop and flip: the same on any number of processes/workers
     # (the official code draws masks per process in the model)
