@@ -13,6 +13,7 @@ from convmae_backbone.datasets import (DecodeRandomResizedCrop, LoadRGBImage, MA
                                        PackMAEInputs, SkipUnreadable)
 from convmae_backbone.datasets.decode import EncodedImage
 from convmae_backbone.datasets.samplers import seeded_rngs
+from convmae_backbone.datasets.transforms import draw_crop
 from convmae_backbone.testing import write_photo_jpegs
 
 
@@ -75,6 +76,18 @@ def test_crop_scale_and_ratio_follow_torchvision_and_a_wrong_range_is_detected()
     assert ks_statistic(wrong_scale, ref_scale) > KS_CRITICAL
     _, wrong_ratio = crop_stats(our_boxes(10 ** 6, height, width, ratio=(2 / 3, 3 / 2))[0], height, width)
     assert ks_statistic(wrong_ratio, ref_ratio) > KS_CRITICAL
+
+
+@pytest.mark.parametrize('height, width', [(300, 400), (375, 500), (20, 400), (400, 20), (7, 9), (1, 1)])
+def test_draw_crop_is_torchvision_get_params(height, width):
+    """The same boxes and the same RNG consumption as RandomResizedCrop.get_params, fallback included (the
+    extreme shapes, where 10 attempts can fail)."""
+    for seed in range(200):
+        torch.manual_seed(seed)
+        ours, state = draw_crop(height, width, (0.2, 1.0), (3 / 4, 4 / 3)), torch.get_rng_state()
+        torch.manual_seed(seed)
+        ref = RandomResizedCrop.get_params(Image.new('RGB', (width, height)), [0.2, 1.0], [3 / 4, 4 / 3])
+        assert ours == tuple(ref) and torch.equal(state, torch.get_rng_state()), (seed, ours, ref)
 
 
 def test_same_draws_as_load_then_random_resized_crop():

@@ -9,6 +9,7 @@ sample's seeded RNGs.
 """
 import io
 import logging
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -105,10 +106,31 @@ class MAERandomResizedCrop(BaseTransform):
 
 
 def draw_crop(height: int, width: int, scale: Sequence[float], ratio: Sequence[float]) -> Tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop of a ``height`` x ``width`` image, drawn by torchvision's
-    ``RandomResizedCrop.get_params`` (torch's global RNG) from the size alone."""
-    shape_only = torch.zeros(()).expand(height, width)  # what get_params reads: the size, no pixels
-    return RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
+    """(top, left, height, width) of a random crop of a ``height`` x ``width`` image: the draws of torchvision's
+    ``RandomResizedCrop.get_params`` (the same calls on torch's global RNG, so the same boxes for the same RNG
+    state; tested), from the size alone and without its per-call API logging and image checks, which cost
+    more than the draws.
+
+    Up to 10 attempts: area fraction uniform in ``scale``, log aspect ratio (w / h) uniform in log ``ratio``,
+    kept if the box fits, placed uniformly; else the largest centred box with the aspect ratio clamped to
+    ``ratio``."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+        w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            return top, int(torch.randint(0, width - w + 1, size=(1,)).item()), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @register('TRANSFORMS')
