@@ -71,6 +71,11 @@ optim_wrapper = dict(
     # fused=True: torch's single-kernel AdamW (CPU and CUDA, torch >= 2.4), faster than the per-parameter loop
     # and the same update up to rounding
     optimizer=dict(type='AdamW', lr=1.5e-4 * 1024 / 256, betas=(0.9, 0.95), weight_decay=0.05, fused=True),
+    # ZeRO-1 (each DDP process keeps the AdamW state of 1/N of the parameters; same updates, same param groups
+    # and layer decay), with tools/dist_pretrain.sh:
+    #   --cfg-options optim_wrapper.optimizer.type=ZeroRedundancyOptimizer optim_wrapper.optimizer.optimizer_type=AdamW
+    # checkpoints hold the full (gathered) optimizer state: --resume and the NaN rollback work with any number
+    # of processes (tests/test_zero.py)
     # as in MAE: no weight decay on norms, biases (all 1-D parameters), position embeddings and the mask token
     paramwise_cfg=dict(
         flat_decay_mult=0.0,

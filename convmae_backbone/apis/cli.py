@@ -23,6 +23,7 @@ from mmengine.runner import Runner
 from ..checkpoint import CheckpointError
 from ..engine.amp import apply_amp
 from ..engine.distributed import finish_distributed, init_distributed
+from ..engine.optim import check_zero
 from ..registry import DOWNSTREAM_SCOPES, PRETRAIN_SCOPES
 
 #: ``default_scope`` of the configs each tool runs.
@@ -170,6 +171,7 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
         cfg.resume = True
         cfg.load_from = None if args.resume == 'auto' else args.resume
     check_schedule(cfg)
+    check_zero(cfg)
     return cfg
 
 
