@@ -1,18 +1,22 @@
 """Tar shards: written from an image folder, read back as the same samples with the same crops, flips and masks
 for the same seed, in 1 process and split over 2 (gloo), through local paths and an mmengine file backend."""
 import os
+import re
 import tarfile
+import textwrap
 
 import pytest
 import torch
 from mmengine.fileio import BaseStorageBackend, LocalBackend, register_backend
+from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATA_SAMPLERS, DATASETS
 
 import convmae_backbone  # noqa: F401  (registers the datasets and transforms)
 from convmae_backbone.datasets import expand_shards, write_shards
 from convmae_backbone.datasets.shards import TarShardDataset
-from helpers import make_images
+from convmae_backbone.datasets.samplers import seeded_rngs
+from helpers import ROOT, make_images
 
 PIPELINE = [dict(type='DecodeRandomResizedCrop', size=32, scale=(0.2, 1.0)), dict(type='MAERandomFlip', prob=0.5),
             dict(type='RandomBlockMask', input_size=32, patch_size=16, mask_ratio=0.75), dict(type='PackMAEInputs')]
@@ -108,3 +112,16 @@ def test_bad_shards_fail_naming_the_cause(tmp_path):
         DATASETS.build(shards_cfg(str(empty)))
     with pytest.raises(ValueError, match='at least one shard'):
         TarShardDataset(shards=[])
+
+
+def test_readme_shard_config(tmp_path):
+    """The README's shard config, with its shards replaced by written ones, builds the dataset."""
+    block = next(b for b in re.findall(r'```python\n(.*?)```', (ROOT / 'README.md').read_text(), re.S)
+                 if "type='TarShardDataset'" in b)
+    write_shards(str(make_images(tmp_path / 'data', n=5) / 'train'), str(tmp_path / 'shards'), samples_per_shard=2)
+    text = textwrap.dedent(block).replace("'configs/", repr(str(ROOT / 'configs') + '/')[:-1])
+    text = re.sub(r"shards='[^']*'", f"shards={str(tmp_path / 'shards' / 'shard-{000000..000002}.tar')!r}", text)
+    (tmp_path / 'cfg.py').write_text(text)
+    dataset = DATASETS.build(Config.fromfile(str(tmp_path / 'cfg.py')).train_dataloader.dataset)
+    with seeded_rngs(0):
+        assert len(dataset) == 5 and dataset[(0, 1)]['inputs'].shape == (3, 224, 224)

@@ -19,8 +19,8 @@ from mmengine import fileio
 from mmengine.logging import print_log
 from mmengine.structures import BaseDataElement
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torch.nn import functional as F
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 from ..models.masking import num_visible_tokens, random_mask
@@ -168,7 +168,8 @@ class DecodeRandomResizedCrop(SkipUnreadable):
         self.interpolation, self.decoder = interpolation, decoder
         self.reduced_decoding, self.backend_args = reduced_decoding, backend_args
 
-    def plan(self, height: int, width: int, factors: Sequence[int] = (1,)) -> Tuple[int, Tuple[int, ...], Tuple[int, ...]]:
+    def plan(self, height: int, width: int, factors: Sequence[int] = (1,)
+             ) -> Tuple[int, Tuple[int, int, int, int], Tuple[int, int, int, int]]:
         """Draw the crop of a ``height`` x ``width`` image whose decoder offers the reduction ``factors``:
         (f, (y0, x0, y1, x1) the crop in the image reduced by f, (top, left, height, width) the same region in
         full-image pixels)."""
@@ -179,8 +180,8 @@ class DecodeRandomResizedCrop(SkipUnreadable):
         y0, x0 = int(top / factor + 0.5), int(left / factor + 0.5)  # rounded to whole pixels (exact for f = 1)
         y1 = min(max(int((top + crop_h) / factor + 0.5), y0 + 1), small_h)
         x1 = min(max(int((left + crop_w) / factor + 0.5), x0 + 1), small_w)
-        box = (y0 * factor, x0 * factor, min(y1 * factor, height) - y0 * factor, min(x1 * factor, width) - x0 * factor)
-        return factor, (y0, x0, y1, x1), box
+        top, left = y0 * factor, x0 * factor
+        return factor, (y0, x0, y1, x1), (top, left, min(y1 * factor, height) - top, min(x1 * factor, width) - left)
 
     def load(self, results: dict) -> dict:
         image = EncodedImage(read_image_bytes(results, self.backend_args), self.decoder)
@@ -217,8 +218,8 @@ class MAERandomFlip(BaseTransform):
 
 @register('TRANSFORMS')
 class PackMAEInputs(BaseTransform):
-    """RGB PIL image or uint8 numpy array (H, W, 3) -> ``dict(inputs=uint8 tensor (3, H, W))``, plus ``data_samples`` holding the sample's
-    mask when the pipeline drew one (:class:`RandomBlockMask`)."""
+    """RGB PIL image or uint8 numpy array (H, W, 3) -> ``dict(inputs=uint8 tensor (3, H, W))``, plus
+    ``data_samples`` holding the sample's mask when the pipeline drew one (:class:`RandomBlockMask`)."""
 
     def transform(self, results: dict) -> dict:
         arr = np.asarray(results['img'], dtype=np.uint8)  # (H, W, 3), possibly a (flipped) view of (3, H, W)
