@@ -522,8 +522,8 @@ def summarise_data(runs: Dict[str, list], num: int, passes: int, workers: int) -
     out: Dict[str, dict] = {}
     lines = [f'**Pretraining input pipeline: {num} JPEGs of real photographs, 500x375, quality 90, to 224x224 '
              f'({len(official)} rounds x {passes} passes, variants interleaved)**', '',
-             f'| pipeline | images/s, 1 process, 1 thread | / official | images/s, {workers} loader workers '
-             f'| / official |', '|---|---|---|---|---|']
+             f'| pipeline | images/s, 1 process, 1 thread | / official (range over rounds) | images/s, {workers} '
+             f'loader workers | / official (range) |', '|---|---|---|---|---|']
     for variant, rs in runs.items():
         ok = [(r, o) for r, o in zip(rs, official) if 'error' not in r and 'error' not in o]
         if not ok:
@@ -531,14 +531,17 @@ def summarise_data(runs: Dict[str, list], num: int, passes: int, workers: int) -
             lines.append(f'| {LABELS[variant]} | not run: {err} | | | |')
             out[variant] = dict(error=err)
             continue
+        ratios = [r['per_process'] / o['per_process'] for r, o in ok]
         row = dict(per_process=statistics.median(r['per_process'] for r, _ in ok),
-                   per_process_ratio=statistics.median(r['per_process'] / o['per_process'] for r, o in ok))
+                   per_process_ratio=statistics.median(ratios), per_process_ratios=ratios)
+        cells = [f"{row['per_process']:.0f}", f"{row['per_process_ratio']:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
         if all('loader' in r and 'loader' in o for r, o in ok):
-            row.update(loader=statistics.median(r['loader'] for r, _ in ok),
-                       loader_ratio=statistics.median(r['loader'] / o['loader'] for r, o in ok))
+            ratios = [r['loader'] / o['loader'] for r, o in ok]
+            row.update(loader=statistics.median(r['loader'] for r, _ in ok), loader_ratio=statistics.median(ratios),
+                       loader_ratios=ratios)
+            cells += [f"{row['loader']:.0f}", f"{row['loader_ratio']:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
         out[variant] = row
-        loader = f"{row['loader']:.0f} | {row['loader_ratio']:.2f}" if 'loader' in row else '- | -'
-        lines.append(f"| {LABELS[variant]} | {row['per_process']:.0f} | {row['per_process_ratio']:.2f} | {loader} |")
+        lines.append(f"| {LABELS[variant]} | " + ' | '.join(cells + ['-'] * (4 - len(cells))) + ' |')
     return dict(rows=out, images=num, passes=passes, workers=workers, rounds=len(official)), '\n'.join(lines)
 
 
