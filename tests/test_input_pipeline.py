@@ -175,6 +175,10 @@ def test_unreadable_and_oversized_files_are_skipped_with_a_warning(tmp_path, mon
         with seeded_rngs(0):
             assert crop(dict(img_path=str(tmp_path / name))) is None
     assert SkipUnreadable.num_skipped() - before == 3
+    monkeypatch.undo()
+    with seeded_rngs(0):  # bytes without a name: a bad one is skipped, and the next good one still loads
+        assert crop(dict(img_bytes=b'\xff\xd8\xff garbage')) is None
+        assert crop(dict(img_bytes=data))['img'].shape == (32, 32, 3)
 
 
 def test_bad_arguments_are_refused():

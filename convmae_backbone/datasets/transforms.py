@@ -51,14 +51,15 @@ class SkipUnreadable(BaseTransform):
         raise NotImplementedError
 
     def transform(self, results: dict) -> Optional[dict]:
-        name = results.get('img_path', '<bytes>')
+        name = results.get('img_path')  # names the sample; without it (bytes only) nothing is remembered
         if name in SkipUnreadable.bad_files:
             return None
         try:
             return self.load(results)
         except Exception as exc:  # noqa: BLE001 - any reading or decoding failure means: skip this file
-            SkipUnreadable.bad_files.add(name)
-            print_log(f'skipped unreadable image {name!r} ({type(exc).__name__}: {exc}); '
+            if name is not None:
+                SkipUnreadable.bad_files.add(name)
+            print_log(f'skipped unreadable image {name or "(bytes)"!r} ({type(exc).__name__}: {exc}); '
                       f'{len(SkipUnreadable.bad_files)} bad file(s) skipped so far', logger='current',
                       level=logging.WARNING)
             return None
