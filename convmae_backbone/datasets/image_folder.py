@@ -1,8 +1,8 @@
 """The pretraining dataset: every image of a folder, for mmengine (labels are not used).
 
-Unreadable files (truncated, corrupt or not an image at all) never stop a run: the loader
-(:class:`~.transforms.LoadRGBImage`) returns ``None`` with a warning naming the file, and the dataset fetches
-another index instead (with :class:`~.samplers.SeededSampler`, one drawn from the sample's seed).
+Unreadable files (truncated, corrupt or not an image at all) never stop a run: the loading transform
+(:class:`~.transforms.SkipUnreadable`: ``LoadRGBImage``, ``DecodeRandomResizedCrop``) returns ``None`` with a
+warning naming the file, and the dataset fetches another index instead (with :class:`~.samplers.SeededSampler`, one drawn from the sample's seed).
 """
 import os
 import os.path as osp
