@@ -2,7 +2,8 @@
 
 Unreadable files (truncated, corrupt or not an image at all) never stop a run: the loading transform
 (:class:`~.transforms.SkipUnreadable`: ``LoadRGBImage``, ``DecodeRandomResizedCrop``) returns ``None`` with a
-warning naming the file, and the dataset fetches another index instead (with :class:`~.samplers.SeededSampler`, one drawn from the sample's seed).
+warning naming the file, and the dataset fetches another index instead (with :class:`~.samplers.SeededSampler`,
+one drawn from the sample's seed).
 """
 import os
 import os.path as osp
