@@ -1,6 +1,7 @@
 """Synthetic data and tiny configs for tests and the demo (nothing here is needed to train a real model).
 
 * :func:`write_demo_images`: random views of the photographs shipped with scikit-image (an image folder);
+* :func:`write_photo_jpegs`: ImageNet-like JPEGs (500x375, quality 90) made from the same photographs;
 * :func:`write_coco_dataset`, :func:`write_ade_dataset`: tiny COCO-layout instance-segmentation and
   ADE20K-layout semantic-segmentation datasets (coloured rectangles and ellipses on textured backgrounds);
 * :func:`tiny_det_config`, :func:`tiny_vitdet_config`, :func:`tiny_seg_config`: the full Mask R-CNN (FPN and
@@ -67,6 +68,28 @@ def write_demo_images(out_dir: str, views_per_photo: int = 40, size: int = 128, 
                 view.save(osp.join(folder, f'{name}_{k:03d}.jpg'), quality=92)
                 count += split == 'train'
     return count
+
+
+def write_photo_jpegs(out_dir: str, num_images: int, size: Tuple[int, int] = (500, 375), quality: int = 90,
+                      seed: int = 0) -> List[str]:
+    """Write ``num_images`` RGB JPEGs of ``size`` (width, height) at ``quality`` into ``out_dir/train/<photo>/``:
+    random crops of the scikit-image photographs (cycling through :data:`DEMO_PHOTOS`) with the aspect ratio of
+    ``size``, covering 50-100% of the photo's width, resized (bicubic) to ``size``. Returns the paths, sorted."""
+    from skimage import data as skdata  # optional dependency, only for tests and benchmarks
+    rng = np.random.default_rng(seed)
+    photos = {name: Image.fromarray(getattr(skdata, name)()).convert('RGB') for name in DEMO_PHOTOS}
+    paths = []
+    for k in range(num_images):
+        name = DEMO_PHOTOS[k % len(DEMO_PHOTOS)]
+        photo = photos[name]
+        w = min(photo.width, photo.height * size[0] / size[1]) * rng.uniform(0.5, 1.0)
+        h = w * size[1] / size[0]
+        x, y = rng.uniform(0, photo.width - w), rng.uniform(0, photo.height - h)
+        folder = osp.join(out_dir, 'train', name)
+        os.makedirs(folder, exist_ok=True)
+        paths.append(osp.join(folder, f'{name}_{k:05d}.jpg'))
+        photo.resize(size, Image.BICUBIC, box=(x, y, x + w, y + h)).save(paths[-1], quality=quality)
+    return sorted(paths)
 
 
 def _textured_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

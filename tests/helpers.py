@@ -46,8 +46,7 @@ def write_tiny_config(path: Path, data_root: Path, max_epochs: int = 2, seed: in
 _base_ = [{str(BASE_CFG)!r}]
 model = dict(img_size=32, **{TINY_ARCH!r})
 train_pipeline = [
-    dict(type='LoadRGBImage'),
-    dict(type='MAERandomResizedCrop', size=32, scale=(0.2, 1.0)),
+    dict(type='DecodeRandomResizedCrop', size=32, scale=(0.2, 1.0)),
     dict(type='MAERandomFlip', prob=0.5),
     dict(type='RandomBlockMask', input_size=32, patch_size=16, mask_ratio=0.75),
     dict(type='PackMAEInputs'),

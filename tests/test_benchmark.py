@@ -101,3 +101,19 @@ def test_official_source_that_cannot_be_imported_is_reported(tmp_path):
         benchmark.import_official(str(tmp_path))
     with pytest.raises(ImportError, match='not a checkout of Alpha-VL/ConvMAE'):
         benchmark.import_official(str(tmp_path / 'nowhere'))
+
+
+def test_quick_data_rows(tmp_path):
+    """--only data: every pipeline's images/s (one process; a loader with one worker) and its ratio to the
+    official pipeline of the same round."""
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'data',
+                           '--data-images', '16', '--data-workers', '1', '--json', str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())['data']['rows']
+    assert set(rows) == set(benchmark.DATA_VARIANTS)
+    assert rows['data-official']['per_process_ratio'] == 1.0 and rows['data-official']['loader_ratio'] == 1.0
+    for row in rows.values():
+        assert row['per_process'] > 0 and row['loader'] > 0 and row['per_process_ratio'] > 0
+    assert 'images/s, 1 process, 1 thread' in proc.stdout and 'Pretraining step' not in proc.stdout

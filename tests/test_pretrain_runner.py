@@ -139,6 +139,7 @@ def test_demo_config_inherits_base():
     assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
     assert {h['type'] for h in cfg.custom_hooks} == {'NonFiniteLossHook', 'ReseedHook', 'PlainParamGroupsHook',
                                                      'KNNMonitorHook'}
-    assert cfg.train_dataloader.dataset.pipeline[1].size == cfg.model.img_size
+    crop = next(t for t in cfg.train_dataloader.dataset.pipeline if t.type.endswith('RandomResizedCrop'))
+    assert crop.size == cfg.model.img_size
     model = MODELS.build(cfg.model)
     assert sum(p.numel() for p in model.parameters()) < 3_000_000

@@ -18,7 +18,14 @@ One run measures, side by side and per device (CPU; CUDA too when available):
 
 2. the backbone forward (inference, batch 1) of the detection config at 1024x1024 (window 16, global blocks,
    relative position bias) and of the segmentation config at 512x512, with fused and with explicit attention;
-3. the GEMM ceiling of the device (a large ``torch.mm``), to relate the achieved GFLOP/s.
+3. the GEMM ceiling of the device (a large ``torch.mm``), to relate the achieved GFLOP/s;
+4. (``--only data``, and in a full run) the pretraining input pipeline on a folder of ImageNet-like JPEGs of
+   real photographs (500x375, quality 90, :func:`convmae_backbone.testing.write_photo_jpegs`): images/s of one
+   worker process with one thread, and of a ``DataLoader`` with ``--data-workers`` processes, for ours (the
+   base config's pipeline: ``DecodeRandomResizedCrop`` with simplejpeg, and with PIL's ``draft``; and the
+   previous ``LoadRGBImage`` + ``MAERandomResizedCrop``) and the official one re-created here (torchvision
+   ``ImageFolder`` + ``RandomResizedCrop(224, (0.2, 1), bicubic)`` + flip + ``ToTensor`` + ``Normalize``), the
+   variants interleaved over ``--rounds`` and compared by the median of per-round ratios.
 
 Every variant runs in a fresh subprocess so that its memory figures are its own. The memory figure is the
 *per-step memory*: peak minus what is held between steps (CUDA: ``max_memory_allocated`` minus the allocation
@@ -32,6 +39,7 @@ Usage (what ``make benchmark`` runs):
     python tools/benchmark.py --quick          # tiny sizes, a smoke run
     python tools/benchmark.py --official-src ../ConvMAE --compile --rounds 3 --json bench.json
     python tools/benchmark.py --device cuda --only pretrain   # 128 images per GPU
+    python tools/benchmark.py --only data --rounds 5          # input pipeline, ours vs the official one
 """
 import argparse
 import json
@@ -41,6 +49,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -55,6 +64,13 @@ from convmae_backbone.engine.amp import amp_optim_wrapper, supports_bf16  # noqa
 from convmae_backbone.models import ConvMAE, ConvMAEPretrainer  # noqa: E402
 from convmae_backbone.models.masking import random_mask  # noqa: E402
 from convmae_backbone.models.reference import with_explicit_attention  # noqa: E402
+from convmae_backbone.testing import write_photo_jpegs  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.dataset import pseudo_collate  # noqa: E402
+from mmengine.logging import MMLogger  # noqa: E402
+from mmengine.registry import DATASETS  # noqa: E402
+from torchvision import datasets as tv_datasets  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
 
 PRETRAIN_CONFIG = os.path.join(ROOT, 'configs', 'pretrain', 'convmae-b_8xb128-1600e_in1k.py')
 DET_CONFIG = os.path.join(ROOT, 'configs', 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
@@ -70,7 +86,12 @@ LABELS = {'sparse': 'sparse (ours)', 'dense': 'dense (ours)',
           'official-formulation': 'official formulation (our reimplementation)',
           'official-source': 'official code (Alpha-VL/ConvMAE)', 'sparse-compiled': 'sparse (ours), torch.compile',
           'fused': 'fused attention (ours)', 'explicit': 'explicit softmax(QK^T)V',
-          'fused-compiled': 'fused attention (ours), torch.compile'}
+          'fused-compiled': 'fused attention (ours), torch.compile',
+          'data-ours': 'ours: DecodeRandomResizedCrop (simplejpeg) + flip + mask + uint8',
+          'data-ours-pil': 'ours with PIL draft decoding',
+          'data-ours-before': 'ours before: LoadRGBImage + MAERandomResizedCrop (PIL) + flip + mask + uint8',
+          'data-official': 'official: ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize'}
+DATA_VARIANTS = ('data-official', 'data-ours', 'data-ours-pil', 'data-ours-before')
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -396,7 +417,71 @@ def worker_backbone(cfg: dict) -> dict:
     return res
 
 
-WORKERS = dict(gemm=worker_gemm, pretrain=worker_pretrain, backbone=worker_backbone)
+def build_data_pipeline(variant: str, root: str):
+    """(dataset, collate_fn, keys): ``dataset[key]`` runs one sample through the ``variant`` pipeline."""
+    if variant == 'data-official':  # the official main_pretrain.py's transform_train on torchvision's ImageFolder
+        transform = T.Compose([
+            T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+        dataset = tv_datasets.ImageFolder(root, transform=transform)
+        return dataset, None, list(range(len(dataset)))
+    pipeline = Config.fromfile(PRETRAIN_CONFIG).train_pipeline
+    if variant == 'data-ours-pil':
+        pipeline[0]['decoder'] = 'pil'
+    elif variant == 'data-ours-before':
+        pipeline[:1] = [dict(type='LoadRGBImage'), dict(pipeline[0], type='MAERandomResizedCrop')]
+        for key in ('decoder', 'reduced_decoding', 'backend_args'):
+            pipeline[1].pop(key, None)
+    dataset = DATASETS.build(dict(type='ImageFolderDataset', data_root=root, subdir=None, pipeline=pipeline))
+    return dataset, pseudo_collate, [(i, 1000 + i) for i in range(len(dataset))]  # as SeededSampler yields
+
+
+def worker_data(cfg: dict) -> dict:
+    """Images/s of one input pipeline: one process with one thread over the folder (``passes`` times, the first
+    as warm-up), and a DataLoader with ``workers`` processes (one thread each) over it, batch 32."""
+    MMLogger.get_instance('benchmark', log_level='WARNING')  # the dataset's listing message is not a result
+    torch.set_num_threads(1)
+    dataset, collate, keys = build_data_pipeline(cfg['variant'], cfg['data_root'])
+    times = []
+    for i in range(cfg['passes'] + 1):
+        t0 = time.perf_counter()
+        for key in keys:
+            dataset[key]
+        if i:
+            times.append(time.perf_counter() - t0)
+    res = dict(images=len(keys), times=times, per_process=len(keys) / statistics.median(times))
+    if cfg['workers']:
+        loader = torch.utils.data.DataLoader(_Keyed(dataset, keys), batch_size=32, shuffle=False,
+                                             num_workers=cfg['workers'], collate_fn=collate,
+                                             persistent_workers=True, worker_init_fn=_one_thread)
+        for _ in loader:  # warm-up: starts the workers
+            pass
+        t0 = time.perf_counter()
+        for _ in range(cfg['passes']):
+            for _ in loader:
+                pass
+        res['loader'] = cfg['passes'] * len(keys) / (time.perf_counter() - t0)
+    return res
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """``dataset[keys[i]]`` as item ``i``."""
+
+    def __init__(self, dataset, keys: list):
+        self.dataset, self.keys = dataset, keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.keys[i]]
+
+
+def _one_thread(_worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+WORKERS = dict(gemm=worker_gemm, pretrain=worker_pretrain, backbone=worker_backbone, data=worker_data)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -412,6 +497,52 @@ def run_worker(cfg: dict) -> dict:
         errors = [ln.strip() for ln in lines if 'Error' in ln and not ln.startswith(' ')]
         return dict(error=(errors or lines or ['no output'])[-1][:200], log=(proc.stdout + proc.stderr)[-3000:])
     return json.loads(lines[-1][len('RESULT '):])
+
+
+def run_data_benchmark(args: argparse.Namespace) -> Tuple[dict, str]:
+    """The input-pipeline rows: every variant once per round (fresh processes, interleaved), on one folder of
+    ImageNet-like JPEGs written for the run; ratios are medians of the per-round ratios to the official row."""
+    num = args.data_images or (32 if args.quick else 256)
+    passes = 1 if args.quick else args.data_passes
+    with tempfile.TemporaryDirectory() as tmp:
+        write_photo_jpegs(tmp, num, size=(500, 375), quality=90)
+        root = os.path.join(tmp, 'train')
+        runs: Dict[str, list] = {v: [] for v in DATA_VARIANTS}
+        for _ in range(args.rounds):
+            for variant in DATA_VARIANTS:
+                runs[variant].append(run_worker(dict(kind='data', variant=variant, data_root=root, passes=passes,
+                                                     workers=args.data_workers)))
+    return summarise_data(runs, num, passes, args.data_workers)
+
+
+def summarise_data(runs: Dict[str, list], num: int, passes: int, workers: int) -> Tuple[dict, str]:
+    """Per variant: median images/s (one process, one thread; and with ``workers`` loader processes) and the
+    median over rounds of its ratio to the official pipeline in the same round; a markdown table."""
+    official = runs['data-official']
+    out: Dict[str, dict] = {}
+    lines = [f'**Pretraining input pipeline: {num} JPEGs of real photographs, 500x375, quality 90, to 224x224 '
+             f'({len(official)} rounds x {passes} passes, variants interleaved)**', '',
+             f'| pipeline | images/s, 1 process, 1 thread | / official (range over rounds) | images/s, {workers} '
+             f'loader workers | / official (range) |', '|---|---|---|---|---|']
+    for variant, rs in runs.items():
+        ok = [(r, o) for r, o in zip(rs, official) if 'error' not in r and 'error' not in o]
+        if not ok:
+            err = next((r['error'] for r in rs + official if 'error' in r), '?')
+            lines.append(f'| {LABELS[variant]} | not run: {err} | | | |')
+            out[variant] = dict(error=err)
+            continue
+        ratios = [r['per_process'] / o['per_process'] for r, o in ok]
+        row = dict(per_process=statistics.median(r['per_process'] for r, _ in ok),
+                   per_process_ratio=statistics.median(ratios), per_process_ratios=ratios)
+        cells = [f"{row['per_process']:.0f}", f"{row['per_process_ratio']:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
+        if all('loader' in r and 'loader' in o for r, o in ok):
+            ratios = [r['loader'] / o['loader'] for r, o in ok]
+            row.update(loader=statistics.median(r['loader'] for r, _ in ok), loader_ratio=statistics.median(ratios),
+                       loader_ratios=ratios)
+            cells += [f"{row['loader']:.0f}", f"{row['loader_ratio']:.2f} ({min(ratios):.2f}-{max(ratios):.2f})"]
+        out[variant] = row
+        lines.append(f"| {LABELS[variant]} | " + ' | '.join(cells + ['-'] * (4 - len(cells))) + ' |')
+    return dict(rows=out, images=num, passes=passes, workers=workers, rounds=len(official)), '\n'.join(lines)
 
 
 def machine_description(device: str) -> str:
@@ -526,7 +657,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, help='pretraining batch per device (default 8 on CPU, 128 on CUDA)')
     parser.add_argument('--backbone-batch', type=int, default=1, help='backbone forward batch size')
     parser.add_argument('--quick', action='store_true', help='tiny model and sizes: a smoke run')
-    parser.add_argument('--only', choices=['pretrain', 'backbone'], help='run one comparison (and the GEMM ceiling)')
+    parser.add_argument('--only', choices=['pretrain', 'backbone', 'data'],
+                        help='run one comparison (pretrain, backbone: and the GEMM ceiling)')
+    parser.add_argument('--data-images', type=int, help='JPEGs in the data benchmark folder (default 256)')
+    parser.add_argument('--data-workers', type=int, default=os.cpu_count(),
+                        help='DataLoader worker processes of the N-worker data row (0: no such row)')
+    parser.add_argument('--data-passes', type=int, default=2, help='timed passes over the folder per data run')
     parser.add_argument('--official-src', metavar='PATH',
                         help='a checkout of Alpha-VL/ConvMAE: also time its MaskedAutoencoderConvViT')
     parser.add_argument('--compile', action='store_true', help='add torch.compile rows (sparse step, backbone)')
@@ -554,7 +690,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if not devices:
         raise SystemExit('CUDA requested but not available')
     report, text = dict(results=[]), []
-    for device in devices:
+    if args.only in (None, 'data'):
+        report['data'], data_text = run_data_benchmark(args)
+        text += [data_text, '']
+    for device in (devices if args.only != 'data' else []):
         dtypes = [d for d in ('fp32', 'bf16') if args.dtype in ('all', d) and (d == 'fp32' or supports_bf16(device))]
         batch = args.batch or (128 if device == 'cuda' else 8)
         common = dict(quick=args.quick, warmup=args.warmup, iters=args.iters, device=device,

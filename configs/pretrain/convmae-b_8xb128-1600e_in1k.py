@@ -44,8 +44,12 @@ model = dict(
         bgr_to_rgb=False))
 
 train_pipeline = [
-    dict(type='LoadRGBImage'),  # any mode -> 8-bit RGB; unreadable files are skipped with a warning
-    dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
+    # RandomResizedCrop(224, scale (0.2, 1), bicubic) as the official code, but decoding only what the crop needs
+    # (JPEG DCT scaling when the crop is >= 2x the output; libjpeg-turbo via simplejpeg) and resizing uint8 with
+    # torch's antialiased bicubic (PIL's filter), not PIL's: same crop distribution, pixels within ~1 level
+    # (tests/test_input_pipeline.py). Any image mode -> 8-bit RGB; unreadable files are skipped with a warning.
+    # `dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', ...)` is the official-style pipeline.
+    dict(type='DecodeRandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
     dict(type='MAERandomFlip', prob=0.5),
     # the sample's mask, from its seed like the crop and flip: the same on any number of processes/workers
     # (the official code draws masks per process in the model)
@@ -67,6 +71,11 @@ optim_wrapper = dict(
     # fused=True: torch's single-kernel AdamW (CPU and CUDA, torch >= 2.4), faster than the per-parameter loop
     # and the same update up to rounding
     optimizer=dict(type='AdamW', lr=1.5e-4 * 1024 / 256, betas=(0.9, 0.95), weight_decay=0.05, fused=True),
+    # ZeRO-1 (each DDP process keeps the AdamW state of 1/N of the parameters; same updates, same param groups
+    # and layer decay), with tools/dist_pretrain.sh:
+    #   --cfg-options optim_wrapper.optimizer.type=ZeroRedundancyOptimizer optim_wrapper.optimizer.optimizer_type=AdamW
+    # checkpoints hold the full (gathered) optimizer state: --resume and the NaN rollback work with any number
+    # of processes (tests/test_zero.py)
     # as in MAE: no weight decay on norms, biases (all 1-D parameters), position embeddings and the mask token
     paramwise_cfg=dict(
         flat_decay_mult=0.0,

@@ -19,8 +19,7 @@ model = dict(
     decoder_num_heads=4)
 
 train_pipeline = [
-    dict(type='LoadRGBImage'),
-    dict(type='MAERandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
+    dict(type='DecodeRandomResizedCrop', size=img_size, scale=(0.2, 1.0), interpolation='bicubic'),
     dict(type='MAERandomFlip', prob=0.5),
     dict(type='RandomBlockMask', input_size=img_size, patch_size=16, mask_ratio={{_base_.mask_ratio}}),
     dict(type='PackMAEInputs'),

@@ -25,6 +25,7 @@ from ..checkpoint import CheckpointError
 from ..datasets.image_folder import find_images, image_dir
 from ..engine.amp import apply_amp
 from ..engine.distributed import finish_distributed, init_distributed
+from ..engine.optim import check_zero
 from ..registry import DOWNSTREAM_SCOPES, PRETRAIN_SCOPES
 
 #: ``default_scope`` of the configs each tool runs.
@@ -209,6 +210,7 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
         cfg.resume = True
         cfg.load_from = None if args.resume == 'auto' else args.resume
     check_schedule(cfg)
+    check_zero(cfg)
     return cfg
 
 

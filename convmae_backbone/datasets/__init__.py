@@ -1,6 +1,9 @@
 from .image_folder import ImageFolderDataset, list_images, to_rgb8
-from .samplers import SeededSampler
-from .transforms import LoadRGBImage, MAERandomFlip, MAERandomResizedCrop, PackMAEInputs, RandomBlockMask
+from .samplers import SeededDataset, SeededSampler
+from .shards import TarShardDataset, expand_shards, write_shards
+from .transforms import (DecodeRandomResizedCrop, LoadRGBImage, MAERandomFlip, MAERandomResizedCrop, PackMAEInputs,
+                         RandomBlockMask, SkipUnreadable)
 
-__all__ = ['ImageFolderDataset', 'SeededSampler', 'LoadRGBImage', 'MAERandomResizedCrop', 'MAERandomFlip',
+__all__ = ['ImageFolderDataset', 'TarShardDataset', 'SeededDataset', 'SeededSampler', 'expand_shards', 'write_shards',
+           'LoadRGBImage', 'DecodeRandomResizedCrop', 'SkipUnreadable', 'MAERandomResizedCrop', 'MAERandomFlip',
            'PackMAEInputs', 'RandomBlockMask', 'list_images', 'to_rgb8']

@@ -1,20 +1,20 @@
 """The pretraining dataset: every image of a folder, for mmengine (labels are not used).
 
-Unreadable files (truncated, corrupt or not an image at all) never stop a run: the loader
-(:class:`~.transforms.LoadRGBImage`) returns ``None`` with a warning naming the file, and the dataset fetches
-another index instead (with :class:`~.samplers.SeededSampler`, one drawn from the sample's seed).
+Unreadable files (truncated, corrupt or not an image at all) never stop a run: the loading transform
+(:class:`~.transforms.SkipUnreadable`: ``LoadRGBImage``, ``DecodeRandomResizedCrop``) returns ``None`` with a
+warning naming the file, and the dataset fetches another index instead (with :class:`~.samplers.SeededSampler`,
+one drawn from the sample's seed).
 """
 import os
 import os.path as osp
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence
 
 import numpy as np
-from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 from PIL import Image
 
 from ..registry import register
-from .samplers import seeded_rngs
+from .samplers import SeededDataset
 
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -65,7 +65,7 @@ def find_images(folder: str) -> List[str]:
 
 
 @register('DATASETS')
-class ImageFolderDataset(BaseDataset):
+class ImageFolderDataset(SeededDataset):
     """Every image below ``data_root/subdir`` (when that folder exists) or else below ``data_root``, recursively.
 
     Works for ImageNet-style ``train/<class>/*.JPEG`` trees and for flat folders; labels are not used.
@@ -86,22 +86,6 @@ class ImageFolderDataset(BaseDataset):
         print_log(f'ImageFolderDataset: {len(files)} images under {root}', logger='current')
         return [dict(img_path=f) for f in files]
 
-    def __getitem__(self, index: Union[int, Tuple[int, int]]) -> dict:
-        """``index`` is an int (mmengine's samplers) or ``(index, sample_seed)`` (:class:`SeededSampler`).
-
-        With a seed, the pipeline runs under Python, numpy and torch RNGs seeded with it (the caller's RNG state
-        is left untouched) and an unreadable image is replaced by an index drawn from the same seed.
-        """
-        if not isinstance(index, (tuple, list)):
-            return super().__getitem__(index)
-        idx, seed = int(index[0]), int(index[1])
-        if not self._fully_initialized:
-            self.full_init()
-        replacement = np.random.default_rng(seed)
-        for _ in range(self.max_refetch + 1):
-            with seeded_rngs(seed):
-                data = self.prepare_data(idx)
-            if data is not None:
-                return data
-            idx = int(replacement.integers(len(self)))
-        raise RuntimeError(f'no readable image found after {self.max_refetch} attempts under {self.image_dir}')
+    @property
+    def source(self) -> str:
+        return self.image_dir

@@ -6,7 +6,9 @@
 * :class:`AtomicCheckpointHook` (with the ``atomic_local`` file backend) writes every checkpoint and the
   ``last_checkpoint`` pointer to a temporary file in the same folder and renames it into place, and deletes
   outdated checkpoints only after the new one is complete: a crash while saving never leaves a truncated
-  checkpoint behind, nor a run without any checkpoint.
+  checkpoint behind, nor a run without any checkpoint. With mmengine's ``ZeroRedundancyOptimizer`` every
+  process takes part in gathering the sharded optimizer state, so the checkpoint holds all of it (mmengine's
+  own ``CheckpointHook`` would leave the main process waiting for the others).
 * :class:`ReseedHook` re-seeds Python, numpy and torch at the start of every epoch from (seed, epoch, rank)
   and before every iteration from (seed, iteration, rank), so a run resumed from an epoch checkpoint draws
   the same masks (and, with ``num_workers=0`` and mmengine's own samplers, the same crops) as an uninterrupted
@@ -27,6 +29,7 @@ from mmengine.fileio import LocalBackend, register_backend
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
+from mmengine.optim import ZeroRedundancyOptimizer
 
 from ..checkpoint import atomic_write, safe_torch_load
 from ..registry import register
@@ -79,6 +82,12 @@ class AtomicCheckpointHook(CheckpointHook):
                                save_param_scheduler=self.save_param_scheduler, meta=meta,
                                by_epoch=self.by_epoch, backend_args=self.backend_args, **self.args)
         if not is_main_process():
+            # ZeRO: the main process's save_checkpoint gathered the optimizer state with a collective
+            # (ZeroRedundancyOptimizer.state_dict); Runner.save_checkpoint runs on the main process only, so
+            # the other processes take their part here
+            if self.save_optimizer and isinstance(getattr(runner.optim_wrapper, 'optimizer', None),
+                                                  ZeroRedundancyOptimizer):
+                runner.optim_wrapper.optimizer.consolidate_state_dict()
             return
         AtomicLocalBackend().put_text(self.last_ckpt, osp.join(runner.work_dir, 'last_checkpoint'))
         for old_step in outdated:  # only now that the new checkpoint is complete

@@ -142,3 +142,25 @@ class ConvMAELayerDecayOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             print_log(f'{key}: {len(g["params"])} params, lr_scale={g["lr_scale"]:.4g}, '
                       f'weight_decay={g["weight_decay"]}', logger='current', level=logging.DEBUG)
             params.append(g)
+
+
+def check_zero(cfg: dict) -> None:
+    """Before any work: a config whose optimizer is mmengine's ``ZeroRedundancyOptimizer`` (ZeRO-1: the AdamW
+    state sharded over the DDP processes) must run distributed (``--launcher pytorch``, e.g.
+    ``tools/dist_pretrain.sh``), name the sharded optimizer (``optimizer_type``) and save with
+    :class:`~.hooks.AtomicCheckpointHook` (which gathers the shards on every process); ``ValueError`` naming
+    what is missing otherwise."""
+    optimizer = (cfg.get('optim_wrapper') or {}).get('optimizer') or {}
+    if optimizer.get('type') != 'ZeroRedundancyOptimizer':
+        return
+    if 'optimizer_type' not in optimizer:
+        raise ValueError("ZeroRedundancyOptimizer needs optim_wrapper.optimizer.optimizer_type (e.g. 'AdamW')")
+    if cfg.get('launcher', 'none') == 'none':
+        raise ValueError('ZeroRedundancyOptimizer shards the optimizer state over DDP processes: start the run '
+                         'with tools/dist_pretrain.sh / tools/dist_train.sh (--launcher pytorch)')
+    checkpoint = (cfg.get('default_hooks') or {}).get('checkpoint')
+    if checkpoint and checkpoint.get('type') != 'AtomicCheckpointHook':
+        raise ValueError(f"ZeroRedundancyOptimizer needs default_hooks.checkpoint of type 'AtomicCheckpointHook', "
+                         f"got {checkpoint.get('type')!r} (mmengine's CheckpointHook would wait forever for the "
+                         f"other processes' optimizer state)")
+
