@@ -2,5 +2,6 @@ from .backbone import ConvMAE
 from .convvit import ConvViT
 from .masking import BlockMask
 from .pretrainer import ConvMAEPretrainer
+from .timm_model import TimmConvMAE  # registers convmae_base with timm
 
-__all__ = ['ConvMAE', 'ConvViT', 'ConvMAEPretrainer', 'BlockMask']
+__all__ = ['ConvMAE', 'ConvViT', 'ConvMAEPretrainer', 'BlockMask', 'TimmConvMAE']
