@@ -8,10 +8,9 @@ import torch
 from mmengine.analysis import FlopAnalyzer, get_model_complexity_info
 
 import convmae_backbone  # noqa: F401  (registers the handles)
-from convmae_backbone import ConvMAE, ConvMAEPretrainer
+from convmae_backbone import ConvMAE
 from convmae_backbone.engine.flops import FLOP_HANDLES
-from convmae_backbone.models.masking import random_mask
-from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER
+from convmae_backbone.testing import TINY_ENCODER
 
 
 def layer_norm(n: int, c: int) -> int:
@@ -79,21 +78,3 @@ def test_get_model_complexity_info_counts_attention():
     info = get_model_complexity_info(model, inputs=(x,), show_table=False, show_arch=False)
     assert info['flops'] == analytic_macs(model, 1, 64, 64)
 
-
-def test_sparse_depthwise_conv_counts_the_visible_positions():
-    """The sparse pretraining path: each stage-1/2 depthwise conv counts k*k multiply-adds per visible
-    position and channel."""
-    class Reconstruction(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = ConvMAEPretrainer(img_size=64, **TINY_ENCODER, **TINY_DECODER, sparse=True)
-
-        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return self.model.forward_mae(x, mask)[0]
-
-    x = torch.randn(2, 3, 64, 64)
-    mask = random_mask(2, 16, 0.75, generator=torch.Generator().manual_seed(0))
-    ops = FlopAnalyzer(Reconstruction(), (x, mask)).by_operator()
-    visible = 2 * 4  # visible tokens of the batch
-    c1, c2 = TINY_ENCODER['embed_dims'][:2]
-    assert ops['PythonOp.SparseDepthwiseConv'] == visible * 25 * (16 * c1 + 4 * c2)

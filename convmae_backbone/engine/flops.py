@@ -4,11 +4,15 @@ mmengine's ``FlopAnalyzer`` and ``get_model_complexity_info`` (hence mmdet's and
 ``tools/analysis_tools/get_flops.py``) trace the model and count the operators they have a handle for, one fused
 multiply-add as one flop. Out of the box they have no handle for ``aten::scaled_dot_product_attention`` (every
 stage-3 attention) and cannot look inside an autograd ``Function``, which the trace records as one
-``prim::PythonOp``: :class:`~..models.utils.GeluLinear` (the second layer of every MLP while autograd records)
-and :class:`~..models.sparse_conv.SparseDepthwiseConv` (the sparse pretraining path). :func:`register_flop_handles`
-adds handles for them to the table every ``FlopAnalyzer`` starts from; ``import convmae_backbone`` calls it.
+``prim::PythonOp``: :class:`~..models.utils.GeluLinear` (the second layer of every MLP while autograd records, as
+in ``get_flops.py``). :func:`register_flop_handles` adds handles for them to the table every ``FlopAnalyzer``
+starts from; ``import convmae_backbone`` calls it. The convolutions our layers call as functions
+(``conv_as_linear``, the depthwise convolution) are traced as ``aten::linear`` / ``aten::_convolution`` and
+counted (under the enclosing module, which is why mmengine lists e.g. ``mlp.fc2`` as never called).
 
-Like mmengine's own handles these count matrix products and convolutions only (no softmax, GELU or masking).
+Like mmengine's own handles these count matrix products and convolutions only (no softmax, GELU or masking). The
+sparse pretraining path cannot be traced at all (its depthwise kernel takes the ``BlockMask`` object);
+``tools/benchmark.py`` counts its FLOPs with ``torch.utils.flop_counter``.
 """
 import math
 from typing import Any, Dict, List
@@ -16,7 +20,6 @@ from typing import Any, Dict, List
 from mmengine.analysis import complexity_analysis
 from mmengine.analysis.jit_handles import Handle, get_shape
 
-from ..models.sparse_conv import SparseDepthwiseConv
 from ..models.utils import GeluLinear
 
 
@@ -34,19 +37,10 @@ def gelu_linear_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return math.prod(h[:-1]) * weight[0] * weight[1]
 
 
-def sparse_depthwise_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """``SparseDepthwiseConv(x, weight, bias, mask)``, x the visible blocks (B, Lv, S, S, C), weight (C, 1, k, k):
-    the convolution at the visible positions, B * Lv * S * S * C * k * k multiply-adds (the work the sparse
-    path needs; the kernel convolves them inside a zero-filled map of the whole image)."""
-    x, weight = get_shape(inputs[0]), get_shape(inputs[1])
-    return math.prod(x) * weight[-2] * weight[-1]
-
-
 #: Operator name in the trace -> handle.
 FLOP_HANDLES: Dict[str, Handle] = {
     'aten::scaled_dot_product_attention': sdpa_flop_jit,
     f'prim::PythonOp.{GeluLinear.__name__}': gelu_linear_flop_jit,
-    f'prim::PythonOp.{SparseDepthwiseConv.__name__}': sparse_depthwise_conv_flop_jit,
 }
 
 

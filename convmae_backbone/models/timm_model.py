@@ -94,9 +94,11 @@ class TimmConvMAE(ConvMAE):
 
 
 def _cfg(**kwargs) -> dict:
-    return dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
-                interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, custom_load=True,
-                classifier='head', paper_ids='arXiv:2205.03892', **kwargs)
+    """timm's pretrained config: ImageNet evaluation as officially (224, resize 256 bicubic, centre crop),
+    weights only from a file given by the user (``custom_load``: :meth:`TimmConvMAE.load_pretrained`)."""
+    return {**dict(url='', num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875,
+                   interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, custom_load=True,
+                   classifier='head', paper_ids='arXiv:2205.03892'), **kwargs}
 
 
 default_cfgs = generate_default_cfgs({
@@ -106,7 +108,11 @@ default_cfgs = generate_default_cfgs({
 
 
 @register_model
-def convmae_base(pretrained: bool = False, **kwargs) -> TimmConvMAE:
-    """ConvMAE-Base (``ConvViT``'s default architecture); keywords override it."""
+def convmae_base(pretrained: bool = False, pretrained_cfg_overlay: Optional[dict] = None,
+                 **kwargs) -> TimmConvMAE:
+    """ConvMAE-Base (``ConvViT``'s default architecture); keywords override it. A weight file always loads
+    through :meth:`TimmConvMAE.load_pretrained` (timm 1.0.31 resets ``custom_load`` when an overlay names a
+    file)."""
     return build_model_with_cfg(TimmConvMAE, 'convmae_base', pretrained,
+                                pretrained_cfg_overlay=dict(pretrained_cfg_overlay or {}, custom_load=True),
                                 feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
