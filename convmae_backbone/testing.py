@@ -22,12 +22,12 @@ import numpy as np
 from mmengine.config import Config
 from PIL import Image, ImageDraw
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-CONFIGS = osp.join(REPO, 'configs')
-DEMO_CONFIG = osp.join(CONFIGS, 'pretrain', 'convmae-tiny_demo.py')
-DET_CONFIG = osp.join(CONFIGS, 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
-VITDET_CONFIG = osp.join(CONFIGS, 'mmdet', 'mask-rcnn_convmae-b_simplefpn_lsj-25e_coco.py')
-SEG_CONFIG = osp.join(CONFIGS, 'mmseg', 'upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
+from .resources import PACKAGE_DIR, config_path
+
+DEMO_CONFIG = config_path('pretrain/convmae-tiny_demo.py')
+DET_CONFIG = config_path('mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
+VITDET_CONFIG = config_path('mmdet/mask-rcnn_convmae-b_simplefpn_lsj-25e_coco.py')
+SEG_CONFIG = config_path('mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
 
 # Photographs shipped inside scikit-image (no download needed).
 DEMO_PHOTOS = ('astronaut', 'chelsea', 'coffee', 'rocket', 'camera', 'coins', 'moon', 'immunohistochemistry',
@@ -40,7 +40,11 @@ DET_CLASSES = ('rectangle', 'ellipse')
 SEG_CLASSES = ('wall', 'building', 'sky')
 SEG_PALETTE = [[120, 120, 120], [180, 120, 120], [6, 230, 230]]
 
-TINY_BACKBONE = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
+#: The tiny architecture of the tests, the demo's fine-tuning configs and quick benchmarks (ConvViT keywords), its
+#: decoder for the pretrainer, and the backbone keywords of the tiny downstream configs.
+TINY_ENCODER = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
+TINY_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
+TINY_BACKBONE = dict(TINY_ENCODER, img_size=64)
 TINY_DET_CHANNELS = 64  # pyramid and head channels of the tiny detection configs
 
 
@@ -345,8 +349,10 @@ def tiny_seg_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
 
 # ---------------------------------------------------------------------------------------------- running
 def child_env() -> dict:
-    """This environment with the checkout on ``PYTHONPATH`` (for subprocesses that import this package)."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
+    """This environment with the folder this package is imported from on ``PYTHONPATH`` (for subprocesses that
+    import it)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_DIR.parent),
+                                                                   os.environ.get('PYTHONPATH')) if p))
 
 
 def run_train_tool(scope: str, config_path: str, work_dir: str, extra: Sequence[str] = (),

@@ -9,12 +9,15 @@ import torch
 from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR, MultiStepLR, PolyLR
 from PIL import Image
 
+from convmae_backbone.resources import config_path
+from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER
+
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-b_8xb128-1600e_in1k.py'
-DEMO_CFG = ROOT / 'configs' / 'pretrain' / 'convmae-tiny_demo.py'
+BASE_CFG = Path(config_path('pretrain/convmae-b_8xb128-1600e_in1k.py'))
+DEMO_CFG = Path(config_path('pretrain/convmae-tiny_demo.py'))
 TOOLS = ROOT / 'tools'
-TINY_ARCH = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, decoder_embed_dim=64, decoder_depth=1,
-                 decoder_num_heads=4)
+#: The tiny pretrainer: :data:`convmae_backbone.testing.TINY_ENCODER` with its decoder.
+TINY_ARCH = {**TINY_ENCODER, **TINY_DECODER}
 
 
 def load_tool(name: str):
@@ -40,10 +43,11 @@ def make_images(root: Path, n: int = 8, size: int = 40, seed: int = 0) -> Path:
 
 
 def write_tiny_config(path: Path, data_root: Path, max_epochs: int = 2, seed: int = 123,
-                      extra: Optional[str] = None) -> Path:
-    """A config inheriting the base recipe with a tiny model on 32x32 crops, batch 4, a checkpoint per epoch."""
+                      extra: Optional[str] = None, base: Path = BASE_CFG) -> Path:
+    """A config inheriting the base recipe (``base``) with a tiny model on 32x32 crops, batch 4, a checkpoint per
+    epoch."""
     text = f'''
-_base_ = [{str(BASE_CFG)!r}]
+_base_ = [{str(base)!r}]
 model = dict(img_size=32, **{TINY_ARCH!r})
 train_pipeline = [
     dict(type='DecodeRandomResizedCrop', size=32, scale=(0.2, 1.0)),

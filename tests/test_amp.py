@@ -16,10 +16,9 @@ from convmae_backbone.engine.amp import BF16OptimWrapper, amp_optim_wrapper
 from convmae_backbone.models.attention import CPU_MATH_MAX_KEYS, sdpa
 from convmae_backbone.models.masking import random_mask
 from conftest import max_rel_err
-from helpers import make_images, write_tiny_config
+from helpers import TINY_ARCH, make_images, write_tiny_config
 
-ARCH = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, decoder_embed_dim=64,
-            decoder_depth=1, decoder_num_heads=4)
+ARCH = dict(TINY_ARCH, img_size=64)
 PLAIN = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3), clip_grad=dict(max_norm=1.0))
 
 
@@ -169,10 +168,9 @@ def test_amp_flag_fine_tunes_segmentation_in_bf16_on_cpu(tmp_path):
     import sys
 
     from helpers import ROOT
-    backbone = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
     work = str(tmp_path / 'work')
     data = testing.write_ade_dataset(str(tmp_path / 'ade'), num_train=2, num_val=1, size=(64, 80))
-    cfg = testing.tiny_seg_config(data, work, backbone, max_iters=3)
+    cfg = testing.tiny_seg_config(data, work, testing.TINY_BACKBONE, max_iters=3)
     cfg.optim_wrapper.type = 'AmpOptimWrapper'  # as in the full config
     cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None
     config = str(tmp_path / 'tiny.py')

@@ -7,16 +7,16 @@ import torch
 import torch.nn.functional as F
 
 import convmae_backbone  # noqa: F401  (registers ConvMAE)
-from convmae_backbone import ConvMAE
+from convmae_backbone import ConvMAE, ConvViT
 from convmae_backbone.models.utils import resize_pos_embed
+from convmae_backbone.testing import TINY_ENCODER
 from conftest import max_rel_err
 
-TINY = dict(embed_dims=(16, 24, 48), depths=(1, 1, 2), num_heads=4)
 BASE_CHANNELS = (256, 384, 768, 768)
 
 
 def _tiny(**kw):
-    model = ConvMAE(**{**TINY, **kw})
+    model = ConvMAE(**{**TINY_ENCODER, **kw})
     model.init_weights()
     return model.eval()
 
@@ -29,7 +29,8 @@ def test_output_shapes_are_ceil_of_stride(hw):
     assert len(outs) == 4
     for i, out in enumerate(outs):
         s = 4 * 2 ** i
-        assert out.shape == (2, (TINY['embed_dims'] + (48,))[i], math.ceil(hw[0] / s), math.ceil(hw[1] / s))
+        channels = (TINY_ENCODER['embed_dims'] + TINY_ENCODER['embed_dims'][-1:])[i]
+        assert out.shape == (2, channels, math.ceil(hw[0] / s), math.ceil(hw[1] / s))
 
 
 def test_base_channels_and_out_indices_subset():
@@ -72,7 +73,7 @@ def test_parity_with_official_encoder(tmp_path, official, small_arch):
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
 def test_builds_from_both_registries(scope):
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
-    model = registry.build(dict(type='ConvMAE', **TINY, out_indices=(0, 1, 2, 3)))
+    model = registry.build(dict(type='ConvMAE', **TINY_ENCODER, out_indices=(0, 1, 2, 3)))
     assert isinstance(model, ConvMAE)
     with torch.no_grad():
         outs = model.eval()(torch.randn(1, 3, 64, 64))
@@ -181,13 +182,41 @@ def test_bad_input_raises_value_error(shape, match):
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match='out_indices'):
-        ConvMAE(**TINY, out_indices=(4,))
+        ConvMAE(**TINY_ENCODER, out_indices=(4,))
     with pytest.raises(ValueError, match='global_attn_indexes'):
-        ConvMAE(**TINY, window_size=4, global_attn_indexes=(5,))
+        ConvMAE(**TINY_ENCODER, window_size=4, global_attn_indexes=(5,))
     with pytest.raises(ValueError, match='img_size'):
-        ConvMAE(**TINY, img_size=100)
+        ConvMAE(**TINY_ENCODER, img_size=100)
 
 
 def test_resize_pos_embed_identity_when_grid_matches():
     pos = torch.randn(1, 12, 8)
     assert resize_pos_embed(pos, (3, 4), (3, 4)) is pos
+
+
+def encoder_names_outside_stage_of(model: ConvViT) -> set:
+    """Top-level modules, parameters and buffers of an encoder that :attr:`ConvViT.STAGE_OF` does not place (they
+    would be dropped from exports and put in the wrong learning-rate group)."""
+    names = {n for n, _ in model.named_children()}
+    names |= {n for n, _ in model.named_parameters(recurse=False)} | {n for n, _ in model.named_buffers(recurse=False)}
+    return names - set(ConvViT.STAGE_OF)
+
+
+@pytest.mark.parametrize('variant', [
+    dict(),
+    dict(rel_pos_bias='decomposed', window_size=2, global_attn_indexes=(1,)),
+    dict(rel_pos_bias='shared', window_size=2, global_attn_indexes=(1,), freeze_pos_embed=True),
+    dict(rel_pos_bias='per_block', layer_scale_init_value=1.0, with_cp=True),
+])
+def test_every_encoder_module_has_a_stage(variant):
+    assert encoder_names_outside_stage_of(ConvViT(img_size=64, **TINY_ENCODER, **variant)) == set()
+
+
+def test_a_module_missing_from_stage_of_is_found():
+    class Extended(ConvViT):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.extra_norm = torch.nn.LayerNorm(self.embed_dims[2])
+            self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, self.embed_dims[2]))
+
+    assert encoder_names_outside_stage_of(Extended(img_size=64, **TINY_ENCODER)) == {'extra_norm', 'cls_token'}

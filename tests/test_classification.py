@@ -20,13 +20,13 @@ from conftest import max_rel_err
 from convmae_backbone import ConvMAEPretrainer
 from convmae_backbone.checkpoint import safe_torch_load
 from convmae_backbone.apis.convert import convert
+from convmae_backbone.testing import TINY_ENCODER
 from mmpretrain.registry import MODELS, OPTIM_WRAPPERS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 FT_CONFIG = osp.join(REPO, 'configs', 'mmpretrain', 'convmae-b_8xb128-100e_in1k.py')
 LIN_CONFIG = osp.join(REPO, 'configs', 'mmpretrain', 'convmae-b_linear-8xb2048-90e_in1k.py')
 FIXTURE = Path(__file__).parent / 'fixtures' / 'official_downstream_small.pt'
-TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=4)
 NUM_CLASSES = 5
 
 
@@ -36,10 +36,13 @@ def build_classifier(model_cfg):
         return MODELS.build(model_cfg)
 
 
-def shrink(cfg: Config, embed_dims, depths, num_heads, num_classes: int, img_size: int) -> Config:
+def shrink(cfg: Config, embed_dims, depths, num_heads, num_classes: int, img_size: int,
+           mlp_ratios=None) -> Config:
     """Resize the model of a classification config through ``model.backbone`` and ``model.head`` only."""
     cfg.model.backbone.update(embed_dims=tuple(embed_dims), depths=tuple(depths), num_heads=num_heads,
                               drop_path_rate=0.0, img_size=img_size)
+    if mlp_ratios is not None:
+        cfg.model.backbone.mlp_ratios = tuple(mlp_ratios)
     cfg.model.head.update(num_classes=num_classes, in_channels=embed_dims[2])
     return cfg
 
@@ -137,7 +140,7 @@ def test_finetune_optimizer_groups_follow_official_layer_ids():
     patch embeddings, pos_embed, blocks1, blocks2; blocks3.i = i + 1; fc_norm and head = num_layers + 1; no
     weight decay for 1-D parameters and pos_embed (util/lr_decay.py, models_convvit.no_weight_decay)."""
     from mmengine.optim import build_optim_wrapper
-    cfg = shrink(Config.fromfile(FT_CONFIG), **TINY, num_classes=NUM_CLASSES, img_size=32)
+    cfg = shrink(Config.fromfile(FT_CONFIG), **TINY_ENCODER, num_classes=NUM_CLASSES, img_size=32)
     cfg.model.backbone.init_cfg = None
     model = build_classifier(cfg.model)
     cfg.optim_wrapper.type = 'OptimWrapper'  # AMP needs a GPU; the groups are the same
@@ -210,8 +213,8 @@ def test_full_size_configs_build_convmae_base_classifiers():
 
 
 def test_linear_probe_model_trains_only_the_head():
-    cfg = shrink(Config.fromfile(LIN_CONFIG), **TINY, num_classes=NUM_CLASSES, img_size=32)
-    cfg.model.neck.input_features = TINY['embed_dims'][2]
+    cfg = shrink(Config.fromfile(LIN_CONFIG), **TINY_ENCODER, num_classes=NUM_CLASSES, img_size=32)
+    cfg.model.neck.input_features = TINY_ENCODER['embed_dims'][2]
     cfg.model.backbone.init_cfg = None
     model = build_classifier(cfg.model)
     model.init_weights()
@@ -219,21 +222,21 @@ def test_linear_probe_model_trains_only_the_head():
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable == ['head.fc.bias', 'head.fc.weight']
     assert not model.backbone.fc_norm.training and model.neck.bn.training
-    assert torch.equal(model.backbone.fc_norm.weight, torch.ones(TINY['embed_dims'][2]))
+    assert torch.equal(model.backbone.fc_norm.weight, torch.ones(TINY_ENCODER['embed_dims'][2]))
     assert model.head.fc.weight.std().item() == pytest.approx(0.01, rel=0.3)
 
 
 def test_avg_featmap_output_and_errors():
     from convmae_backbone import ConvMAE
-    m = ConvMAE(img_size=32, **TINY, out_type='avg_featmap').eval()
+    m = ConvMAE(img_size=32, **TINY_ENCODER, out_type='avg_featmap').eval()
     x = torch.randn(2, 3, 40, 56)
     (out,) = m(x)
     s3 = m.forward_features(m.pad_to_patch(x))[2][:, :, :3, :4]  # ceil(40/16) x ceil(56/16) real tokens
     torch.testing.assert_close(out, m.fc_norm(s3.mean(dim=(2, 3))))
-    assert m.fc_norm.eps == 1e-6 and out.shape == (2, 48)
+    assert m.fc_norm.eps == 1e-6 and out.shape == (2, TINY_ENCODER['embed_dims'][2])
     with pytest.raises(ValueError, match='out_type'):
-        ConvMAE(img_size=32, **TINY, out_type='cls_token')
-    assert not hasattr(ConvMAE(img_size=32, **TINY), 'fc_norm')
+        ConvMAE(img_size=32, **TINY_ENCODER, out_type='cls_token')
+    assert not hasattr(ConvMAE(img_size=32, **TINY_ENCODER), 'fc_norm')
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -254,9 +257,9 @@ def write_class_folder(root: str, per_class=(3, 2), size: int = 40, seed: int = 
 
 def tiny_config(path: str, data_root: str, work_dir: str, pretrained, max_epochs: int = 2) -> str:
     """The config shrunk to a 32-px, 5-class problem on CPU; written next to the work dir."""
-    cfg = shrink(Config.fromfile(path), **TINY, num_classes=NUM_CLASSES, img_size=32)
+    cfg = shrink(Config.fromfile(path), **TINY_ENCODER, num_classes=NUM_CLASSES, img_size=32)
     if cfg.model.get('neck'):
-        cfg.model.neck.input_features = TINY['embed_dims'][2]
+        cfg.model.neck.input_features = TINY_ENCODER['embed_dims'][2]
     cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=pretrained) if pretrained else None
     cfg.data_preprocessor.num_classes = NUM_CLASSES
     for name, split, shuffle in (('train_dataloader', 'train', True), ('val_dataloader', 'val', False),
@@ -295,7 +298,7 @@ def data_root(tmp_path_factory):
 def pretrained(tmp_path_factory):
     """A tiny ConvMAE pretraining checkpoint in mmengine's format (encoder, fusion and decoder weights)."""
     torch.manual_seed(0)
-    model = ConvMAEPretrainer(img_size=32, **TINY, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4)
+    model = ConvMAEPretrainer(img_size=32, **TINY_ENCODER, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=4)
     path = str(tmp_path_factory.mktemp('pretrain') / 'pretrain.pth')
     torch.save(dict(meta=dict(epoch=1), state_dict=model.state_dict()), path)
     return path, model.state_dict()
@@ -395,8 +398,8 @@ def test_linear_probe_with_our_tools_keeps_the_encoder_frozen(tmp_path, data_roo
     for key, value in pre_state.items():  # every encoder weight is the pretrained one
         if 'backbone.' + key in state:
             assert torch.equal(state['backbone.' + key], value), key
-    assert torch.equal(state['backbone.fc_norm.weight'], torch.ones(48))
-    assert torch.equal(state['backbone.fc_norm.bias'], torch.zeros(48))
+    assert torch.equal(state['backbone.fc_norm.weight'], torch.ones(TINY_ENCODER['embed_dims'][2]))
+    assert torch.equal(state['backbone.fc_norm.bias'], torch.zeros(TINY_ENCODER['embed_dims'][2]))
     assert 'neck.bn.weight' not in state and state['neck.bn.running_mean'].abs().sum() > 0
     test_log = run([mmpretrain_tool('test'), config, osp.join(work, 'epoch_2.pth'), '--work-dir',
                     str(tmp_path / 'test')], cwd=str(tmp_path))

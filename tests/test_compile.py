@@ -8,16 +8,14 @@ from convmae_backbone import ConvMAE, ConvMAEPretrainer
 from convmae_backbone.apis import cli
 from convmae_backbone.models.masking import random_mask
 from conftest import max_rel_err
+from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER
 from helpers import make_images, write_tiny_config
-
-TINY = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4)
 
 
 @pytest.mark.parametrize('sparse', [True, False])
 def test_pretraining_forward_is_one_graph_without_recompilation(sparse):
     torch._dynamo.reset()
-    model = ConvMAEPretrainer(img_size=64, **TINY, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
-                              sparse=sparse)
+    model = ConvMAEPretrainer(img_size=64, **TINY_ENCODER, **TINY_DECODER, sparse=sparse)
     compiled = torch.compile(lambda x, m: model.forward_mae(x, m, from_ratio=True), backend='eager', fullgraph=True)
     x = torch.randn(2, 3, 64, 64)
     with torch._dynamo.config.patch(error_on_recompile=True):  # new masks, same shapes: no recompilation
@@ -34,7 +32,7 @@ def test_pretraining_forward_is_one_graph_without_recompilation(sparse):
 
 def test_backbone_with_windows_and_rel_pos_is_one_graph():
     torch._dynamo.reset()
-    model = ConvMAE(img_size=128, **TINY, window_size=4, global_attn_indexes=(1,), use_rel_pos_bias=True,
+    model = ConvMAE(img_size=128, **TINY_ENCODER, window_size=4, global_attn_indexes=(1,), use_rel_pos_bias=True,
                     out_indices=(0, 1, 2, 3)).eval()
     compiled = torch.compile(model, backend='eager', fullgraph=True)
     x = torch.randn(1, 3, 96, 128)

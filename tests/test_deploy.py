@@ -6,8 +6,8 @@ import torch
 from convmae_backbone.apis import deploy
 from convmae_backbone.models import ConvMAE
 from convmae_backbone.models.attention import Attention
+from convmae_backbone.testing import TINY_BACKBONE
 
-TINY = dict(img_size=64, embed_dims=(16, 32, 64), depths=(1, 1, 2), num_heads=4, out_indices=(0, 1, 2, 3))
 # window 2 tokens on a 64-pixel (4x4-token) grid: several windows, padded ones at sizes that are not 32k
 VARIANTS = {
     'default': dict(),
@@ -25,7 +25,7 @@ SIZES = [(64, 64), (80, 112), (333, 517), (50, 70)]
 def build(name: str) -> ConvMAE:
     """A tiny eval-mode variant with non-zero relative position tables (they start at zero)."""
     torch.manual_seed(0)
-    model = ConvMAE(**TINY, **VARIANTS[name])
+    model = ConvMAE(**TINY_BACKBONE, out_indices=(0, 1, 2, 3), **VARIANTS[name])
     model.init_weights()
     with torch.no_grad():
         for key, param in model.named_parameters():
@@ -133,6 +133,7 @@ def test_onnx_matches_pytorch_at_any_size(name, tmp_path):
                     strict(x.numpy())
             else:
                 assert _max_diff(strict(x.numpy()), refs) < 1e-4
+    c1, c2, c3 = TINY_BACKBONE['embed_dims']
     np.testing.assert_equal([o.shape for o in runner(np.zeros((1, 3, 333, 517), np.float32))],
-                            [(1, 16, 84, 130), (1, 32, 42, 65), (1, 64, 21, 33),
-                             (1, 64, 10, 16) if name == 'official_seg' else (1, 64, 11, 17)])
+                            [(1, c1, 84, 130), (1, c2, 42, 65), (1, c3, 21, 33),
+                             (1, c3, 10, 16) if name == 'official_seg' else (1, c3, 11, 17)])

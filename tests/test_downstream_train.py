@@ -14,14 +14,13 @@ from convmae_backbone import ConvMAE, ConvMAEPretrainer, testing
 from convmae_backbone.checkpoint import safe_torch_load
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-BACKBONE = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
 
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     """A tiny ConvMAE pretraining checkpoint in mmengine's format (encoder + decoder weights)."""
     torch.manual_seed(0)
-    model = ConvMAEPretrainer(**BACKBONE, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    model = ConvMAEPretrainer(**testing.TINY_BACKBONE, **testing.TINY_DECODER)
     model.init_weights()
     path = str(tmp_path_factory.mktemp('pretrain') / 'pretrain.pth')
     torch.save(dict(meta=dict(epoch=1), state_dict=model.state_dict()), path)
@@ -45,8 +44,8 @@ def test_mask_rcnn_finetune_eval_and_checkpoint_roundtrip(tmp_path, pretrained):
     work = str(tmp_path / 'work')
     os.makedirs(work)
     # The config names a missing file; the command line supplies the real one, as documented in the config.
-    cfg = testing.tiny_det_config(data, work, BACKBONE, checkpoint='/nonexistent/backbone.pth', image_size=96,
-                               max_epochs=1)
+    cfg = testing.tiny_det_config(data, work, testing.TINY_BACKBONE, checkpoint='/nonexistent/backbone.pth',
+                                  image_size=96, max_epochs=1)
     config = osp.join(work, 'mask_rcnn_tiny.py')
     cfg.dump(config)
     log = _ok(testing.run_train_tool('mmdet', config, work,
@@ -59,7 +58,8 @@ def test_mask_rcnn_finetune_eval_and_checkpoint_roundtrip(tmp_path, pretrained):
     # The fine-tuned detector's backbone loads back into a ConvMAE through init_cfg.
     det_ckpt = osp.join(work, 'epoch_1.pth')
     det_state = safe_torch_load(det_ckpt)['state_dict']
-    backbone = ConvMAE(**BACKBONE, out_indices=(0, 1, 2, 3), init_cfg=dict(type='Pretrained', checkpoint=det_ckpt))
+    backbone = ConvMAE(**testing.TINY_BACKBONE, out_indices=(0, 1, 2, 3),
+                       init_cfg=dict(type='Pretrained', checkpoint=det_ckpt))
     backbone.init_weights()
     key = 'blocks3.1.attn.qkv.weight'
     assert torch.equal(backbone.state_dict()[key], det_state['backbone.' + key])
@@ -79,7 +79,7 @@ def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
     data = testing.write_ade_dataset(str(tmp_path / 'ade'), num_train=4, num_val=2, size=(80, 96))
     work = str(tmp_path / 'work')
     os.makedirs(work)
-    cfg = testing.tiny_seg_config(data, work, BACKBONE, checkpoint=ckpt, max_iters=4)
+    cfg = testing.tiny_seg_config(data, work, testing.TINY_BACKBONE, checkpoint=ckpt, max_iters=4)
     config = osp.join(work, 'upernet_tiny.py')
     cfg.dump(config)
     log = _ok(testing.run_train_tool('mmseg', config, work))
@@ -108,7 +108,7 @@ def test_upernet_finetune_eval_with_layer_decay(tmp_path, pretrained):
 
 
 def _tiny_seg_resume_config(tmp_path, data, work):
-    cfg = testing.tiny_seg_config(data, work, BACKBONE, checkpoint=None, max_iters=6)
+    cfg = testing.tiny_seg_config(data, work, testing.TINY_BACKBONE, checkpoint=None, max_iters=6)
     # Deterministic: no dropout (its torch RNG draws are not replayed on resume), no validation.
     cfg.model.decode_head.dropout_ratio = 0.0
     cfg.model.auxiliary_head.dropout_ratio = 0.0

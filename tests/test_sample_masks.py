@@ -10,12 +10,12 @@ import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAEPretrainer
 from convmae_backbone.datasets.transforms import RandomBlockMask
 from convmae_backbone.models.masking import batch_masks, num_visible_tokens, random_mask
+from helpers import TINY_ARCH
 
 PIPELINE = [dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', size=64),
             dict(type='MAERandomFlip', prob=0.5), dict(type='RandomBlockMask', input_size=64, mask_ratio=0.75),
             dict(type='PackMAEInputs')]
-TINY = dict(img_size=64, embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, decoder_embed_dim=64,
-            decoder_depth=1, decoder_num_heads=4)
+TINY = dict(TINY_ARCH, img_size=64)
 
 
 @pytest.fixture

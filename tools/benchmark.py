@@ -64,7 +64,8 @@ from convmae_backbone.engine.amp import amp_optim_wrapper, supports_bf16  # noqa
 from convmae_backbone.models import ConvMAE, ConvMAEPretrainer  # noqa: E402
 from convmae_backbone.models.masking import random_mask  # noqa: E402
 from convmae_backbone.models.reference import with_explicit_attention  # noqa: E402
-from convmae_backbone.testing import write_photo_jpegs  # noqa: E402
+from convmae_backbone.resources import config_path  # noqa: E402
+from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER, write_photo_jpegs  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
@@ -72,14 +73,12 @@ from mmengine.registry import DATASETS  # noqa: E402
 from torchvision import datasets as tv_datasets  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-PRETRAIN_CONFIG = os.path.join(ROOT, 'configs', 'pretrain', 'convmae-b_8xb128-1600e_in1k.py')
-DET_CONFIG = os.path.join(ROOT, 'configs', 'mmdet', 'mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
-SEG_CONFIG = os.path.join(ROOT, 'configs', 'mmseg', 'upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
+PRETRAIN_CONFIG = config_path('pretrain/convmae-b_8xb128-1600e_in1k.py')
+DET_CONFIG = config_path('mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
+SEG_CONFIG = config_path('mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
 
 BASE = dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4))
 BASE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-TINY = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=(4, 4, 4))
-TINY_DECODER = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
 
 PRETRAIN_VARIANTS = ('sparse', 'dense', 'official-formulation', 'official-source', 'sparse-compiled')
 LABELS = {'sparse': 'sparse (ours)', 'dense': 'dense (ours)',
@@ -277,7 +276,7 @@ def _version(name: str) -> str:
 def build_pretrain_model(variant: str, size: int, quick: bool, official_src: Optional[str] = None
                          ) -> Tuple[torch.nn.Module, Callable]:
     """(model, forward) for a pretraining variant; forward(imgs, mask) -> loss."""
-    arch, dec = (TINY, TINY_DECODER) if quick else (BASE, BASE_DECODER)
+    arch, dec = (TINY_ENCODER, TINY_DECODER) if quick else (BASE, BASE_DECODER)
     if variant == 'official-source':
         official = import_official(official_src)
         from torch import nn
@@ -315,7 +314,7 @@ def backbone_config(task: str, quick: bool) -> Tuple[dict, int]:
         cfg.pop(key, None)
     cfg['drop_path_rate'] = 0.0
     if quick:
-        cfg.update(TINY)
+        cfg.update(TINY_ENCODER)
         size = 128 if task == 'det' else 64
         if cfg.get('window_size'):
             cfg['window_size'] = 4

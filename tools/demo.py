@@ -11,11 +11,10 @@
 
     python tools/demo.py [--out-dir demo_output] [--epochs N] [--views N] [--skip-finetune] [--verbose] [--threads N]
 
-It reads the configs of a checkout (``configs/`` beside ``tools/``); the synthetic data and tiny configs come from
-:mod:`convmae_backbone.testing`.
+It reads the configs through :func:`convmae_backbone.config_path` (an installed wheel's or the checkout's); the
+synthetic data and tiny configs come from :mod:`convmae_backbone.testing`.
 """
 import argparse
-import glob
 import json
 import os
 import os.path as osp
@@ -44,7 +43,8 @@ from convmae_backbone.engine.hooks import last_checkpoint  # noqa: E402
 from convmae_backbone.engine.knn import plot_knn_curve, read_knn_curve  # noqa: E402
 from convmae_backbone.models.arch import check_arch, infer_arch  # noqa: E402
 from convmae_backbone.models.weights import extract_state_dict  # noqa: E402
-from convmae_backbone.testing import (CONFIGS, DEMO_CONFIG, DEMO_PHOTOS, child_env, read_val_metrics,  # noqa: E402
+from convmae_backbone.resources import config_path, model_configs  # noqa: E402
+from convmae_backbone.testing import (DEMO_CONFIG, DEMO_PHOTOS, child_env, read_val_metrics,  # noqa: E402
                                       run_train_tool, tiny_det_config, tiny_seg_config, write_ade_dataset,
                                       write_coco_dataset, write_demo_images)
 
@@ -71,7 +71,10 @@ def checkpoint_arch(path: str, num_heads: Optional[int] = None) -> dict:
 
 def _heads_from_pretrain_configs(arch: dict) -> Optional[int]:
     """num_heads of the configs/pretrain/ config whose model has exactly this architecture and image size."""
-    for path in sorted(glob.glob(osp.join(CONFIGS, 'pretrain', '*.py'))):
+    for name, rel in sorted(model_configs().items()):
+        if not rel.startswith('configs/pretrain/'):
+            continue
+        path = config_path(name)
         model = Config.fromfile(path).model
         try:
             check_arch(model, arch, path)

@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointError, safe_torch_load
 from ..datasets import to_rgb8
 from ..models import ConvMAEPretrainer
 from ..models.masking import upsample_mask
-from ..models.utils import patchify, unpatchify
+from ..models.utils import unpatchify
 from ..models.weights import extract_state_dict
 
 
@@ -138,11 +138,7 @@ def reconstruct(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -
     _, pred, mask = model.forward_mae(x, generator=generator)  # pred (B, L, p*p*3), mask (B, L) True=masked
     p = model.patch_size
     hw = (x.shape[2] // p, x.shape[3] // p)
-    if model.norm_pix_loss:
-        target = patchify(x, p)
-        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1.0e-6) ** 0.5 + mean
-    recon = unpatchify(pred, hw, p, channels=x.shape[1])
+    recon = unpatchify(model.predicted_pixels(pred, x), hw, p, channels=x.shape[1])
     pixel_mask = upsample_mask(mask.to(x.dtype), hw, p)  # (B, 1, H, W), 1 = masked
 
     original = images.to(torch.uint8)

@@ -1,9 +1,10 @@
 from .amp import BF16OptimWrapper
 from .distributed import CPUSyncBatchNorm, DeviceAwareDistributedDataParallel
+from .flops import register_flop_handles
 from .hooks import AtomicCheckpointHook, NonFiniteLossHook, PlainParamGroupsHook, ReseedHook
 from .knn import KNNMonitorHook
 from .optim import ConvMAELayerDecayOptimWrapperConstructor
 
 __all__ = ['BF16OptimWrapper', 'CPUSyncBatchNorm', 'DeviceAwareDistributedDataParallel', 'AtomicCheckpointHook',
            'NonFiniteLossHook', 'PlainParamGroupsHook', 'ReseedHook', 'KNNMonitorHook',
-           'ConvMAELayerDecayOptimWrapperConstructor']
+           'ConvMAELayerDecayOptimWrapperConstructor', 'register_flop_handles']

@@ -14,6 +14,7 @@ from .attention import RelativePositionBias, TransformerBlock
 from .conv_blocks import ConvBlock, PatchEmbed
 from .masking import BlockMask
 from .utils import resize_pos_embed
+from .weights import load_pretrained
 
 
 #: Relative position bias of stage 3 (``rel_pos_bias`` of :class:`ConvViT`).
@@ -188,7 +189,6 @@ class ConvViT(BaseModule):
         """Load ``init_cfg``'s checkpoint (``type='Pretrained'``) or initialise at random."""
         cfg = self.init_cfg or {}
         if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            from .weights import load_pretrained
             load_pretrained(self, cfg['checkpoint'])
         else:
             self.init_random_weights()

@@ -10,7 +10,7 @@ from .attention import TransformerBlock
 from .convvit import ConvViT
 from .masking import BlockMask, batch_masks, check_mask_ratio, num_visible_tokens
 from .sparse_conv import conv_as_linear
-from .utils import get_2d_sincos_pos_embed, patchify
+from .utils import get_2d_sincos_pos_embed, norm_pix, patchify
 from .weights import PRETRAINING_ONLY
 
 
@@ -139,11 +139,16 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     def reconstruction_target(self, imgs: Tensor) -> Tensor:
         """Patchified images (B, L, patch*patch*3), per-patch normalised when ``norm_pix_loss``."""
         target = patchify(imgs, self.patch_size)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return target
+        return norm_pix(target)[0] if self.norm_pix_loss else target
+
+    def predicted_pixels(self, pred: Tensor, imgs: Tensor) -> Tensor:
+        """A prediction (B, L, patch*patch*3) as patchified pixels of ``imgs`` (B, 3, H, W): with
+        ``norm_pix_loss`` un-normalised with each target patch's own mean and deviation (the inverse of
+        :meth:`reconstruction_target`)."""
+        if not self.norm_pix_loss:
+            return pred
+        _, mean, std = norm_pix(patchify(imgs, self.patch_size))
+        return pred * std + mean
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Mean over masked tokens (``mask`` (B, L) bool) of the per-token MSE (or L1) between ``pred`` and the

@@ -66,6 +66,15 @@ def unpatchify(x: Tensor, grid_hw: Tuple[int, int], p: int, channels: int = 3) -
     return torch.einsum('bhwpqc->bchpwq', x).reshape(b, channels, h * p, w * p)
 
 
+def norm_pix(patches: Tensor, eps: float = 1.0e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """MAE's normalised-pixel target of patchified pixels (B, L, D): each patch minus its mean, divided by
+    sqrt(its unbiased variance + eps). Returns (normalised (B, L, D), mean (B, L, 1), std (B, L, 1)); a prediction
+    in the normalised space goes back to pixels as ``pred * std + mean``."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
+    return (patches - mean) / std, mean, std
+
+
 def gelu_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(F.gelu(h), weight, bias)`` (exact GELU), the second half of every MLP of the encoder and the
     decoder. Under autograd only ``h`` is kept for the backward and the GELU is recomputed there
