@@ -1,8 +1,12 @@
 """Helpers shared by several test modules: tiny pretraining configs, images to train them on, the applications."""
+import contextlib
+import functools
+import http.server
 import importlib
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -78,3 +82,22 @@ def sync_bn_to_bn(node):
         for value in node:
             sync_bn_to_bn(value)
     return node
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """Serve the files of ``folder`` over http on 127.0.0.1 (a free port) while in the context; yields the base
+    URL (``http://127.0.0.1:PORT``)."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -361,3 +361,49 @@ def test_meta_cfg_may_not_pick_another_model_class(tmp_path, image):
     _pretraining_checkpoint(ckpt, text)
     visualization.visualize(str(ckpt), [str(image)], str(tmp_path / 'out.png'))  # init_cfg not followed
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------- tools/test.py
+@pytest.fixture(scope='module')
+def seg_setup(tmp_path_factory):
+    """A tiny UperNet config on a tiny ADE20K folder, and the state dict of its model: (config file, state)."""
+    from convmae_backbone.testing import tiny_seg_config, write_ade_dataset
+    root = tmp_path_factory.mktemp('seg')
+    cfg = tiny_seg_config(write_ade_dataset(str(root / 'ade'), num_train=1, num_val=1), str(root / 'work'))
+    config = root / 'config.py'
+    cfg.dump(str(config))
+    state = cli.build_runner(cli.load_config(str(config), work_dir=str(root / 'work'))).model.state_dict()
+    return config, state
+
+
+@pytest.mark.parametrize('payload', FAST)
+def test_test_tool_refuses(tmp_path, seg_setup, payload):
+    config, _ = seg_setup
+    path, marker, name = write_hostile(tmp_path, payload, 'meta')
+    with pytest.raises(CheckpointError) as exc:
+        cli.evaluate([str(config), str(path), '--work-dir', str(tmp_path / 'work')])
+    assert_refused(exc, path, name, marker)
+
+
+def test_test_tool_refuses_a_checkpoint_that_leaves_most_of_the_model_unloaded(tmp_path, seg_setup):
+    """mmengine loads load_from with strict=False and only warns; tools/test.py names what is missing."""
+    config, state = seg_setup
+    heads_only = tmp_path / 'heads_only.pth'
+    torch.save({'state_dict': {k: v for k, v in state.items() if not k.startswith('backbone.')}}, heads_only)
+    with pytest.raises(CheckpointError, match=r"heads_only\.pth' fills only \d+ of the \d+ tensors of the model "
+                                              r"\(fewer than 50%\); loaded per module: backbone 0/\d+, "
+                                              r"decode_head (\d+)/\1, auxiliary_head (\d+)/\2"):
+        cli.evaluate([str(config), str(heads_only), '--work-dir', str(tmp_path / 'work')])
+    official = tmp_path / 'official_format.pth'
+    torch.save({'model': state}, official)
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'test.py'), str(config), str(official),
+                           '--work-dir', str(tmp_path / 'work')], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith('error: ') and 'backbone 0/' in last, proc.stderr[-3000:]
+    assert 'convert it with tools/convert_official.py' in last
+    full = tmp_path / 'full.pth'
+    trained = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}  # not the built weights
+    torch.save({'state_dict': trained}, full)
+    runner = cli.evaluate([str(config), str(full), '--work-dir', str(tmp_path / 'work')])
+    assert all(torch.equal(v, trained[k]) for k, v in runner.model.state_dict().items())
