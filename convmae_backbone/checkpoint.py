@@ -404,8 +404,8 @@ def register_safe_mmengine_loader() -> None:
     (:data:`SAFE_LOADERS`); a scheme some other package registered, which we cannot read safely, is refused.
 
     mmengine's ``load_from``, ``--resume``, ``tools/test.py``, inferencers and ``init_cfg`` all read through
-    ``CheckpointLoader``. mmengine 0.10's own loaders call ``torch.load`` without an allow-list (which under torch
-    >= 2.6 refuses mmengine's own checkpoints) or, in later versions, with ``weights_only=False``.
+    ``CheckpointLoader``. mmengine 0.10.7's own loaders call ``torch.load`` without an allow-list, which under
+    torch >= 2.6 refuses mmengine's own checkpoints.
     """
     ours = {p for prefixes in SAFE_LOADERS for p in prefixes}
     for prefix in [p for p in CheckpointLoader._schemes if p not in ours]:

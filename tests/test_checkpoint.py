@@ -332,3 +332,18 @@ def test_every_load_resizes_pos_embed_and_tables(sd, small_arch, how):
     loaded = detector.backbone.blocks3[0].attn.relative_position_bias_table
     assert max_rel_err(loaded, expected) < 1e-5  # float32 bicubic against float64
     assert torch.equal(loaded, resize_relative_position_table(table, (14, 14), (20, 20)))
+
+
+def test_readme_states_the_allow_list_and_the_schemes():
+    """README's "Loading checkpoints" names exactly TRUSTED_GLOBALS and the schemes the safe loader reads."""
+    import re
+    from pathlib import Path
+
+    from convmae_backbone.checkpoint import SAFE_LOADERS, TRUSTED_GLOBALS
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    section = readme[readme.index('### Loading checkpoints'):readme.index('## Pretraining')]
+    table = section[section.index('| name | written by |'):section.index('Anything else')]
+    assert set(re.findall(r'`((?:numpy|argparse|mmengine|builtins)[\w.]*)`', table)) == set(TRUSTED_GLOBALS)
+    schemes = set(re.findall(r'`([\w-]+://)`', section))
+    ours = {p for ps in SAFE_LOADERS for p in ps}
+    assert schemes == {p.replace(r'(\S+\:)?', '') for p in ours if p}
