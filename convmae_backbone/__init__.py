@@ -1,7 +1,7 @@
 """ConvMAE (MCMAE) for mmengine, mmdet 3.x, mmseg 1.x and mmpretrain 1.x.
 
 ``import convmae_backbone`` registers its components in the OpenMMLab registries (each class where it is
-defined, :mod:`.registry`) and routes mmengine's local checkpoint loading through our safe loader
+defined, :mod:`.registry`) and routes every scheme of mmengine's ``CheckpointLoader`` through our safe loader
 (:func:`.checkpoint.register_safe_mmengine_loader`).
 
 Rooms: :mod:`.models` (layers, encoder, backbone, pretrainer, weights), :mod:`.datasets` (dataset, transforms,
@@ -18,7 +18,8 @@ from .models.weights import load_pretrained
 __version__ = '0.1.0'
 
 # At import, because configs load us through custom_imports, the only hook that runs before the Runner reads
-# `load_from` / `--resume` checkpoints (which mmengine 0.10's own loader refuses under torch >= 2.6).
+# `load_from` / `--resume` checkpoints (mmengine 0.10's own loaders are not safe, and refuse its own files under
+# torch >= 2.6).
 register_safe_mmengine_loader()
 
 __all__ = ['ConvMAE', 'ConvMAEPretrainer', 'ConvViT', 'BlockMask', 'CheckpointError', 'load_pretrained',

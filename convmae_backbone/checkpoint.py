@@ -339,8 +339,8 @@ def _model_name(filename: str, table: Mapping[str, str], scheme: str) -> str:
 
 
 def load_from_torchvision(filename: str, map_location: Any = None) -> Any:
-    return load_from_http(_model_name(filename, mmengine_checkpoint.get_torchvision_models(), 'torchvision'),
-                      map_location)
+    url = _model_name(filename, mmengine_checkpoint.get_torchvision_models(), 'torchvision')
+    return load_from_http(url, map_location)
 
 
 def load_from_openmmlab(filename: str, map_location: Any = None) -> Any:
@@ -357,26 +357,25 @@ def load_from_mmcls(filename: str, map_location: Any = None) -> Any:
     return mmengine_checkpoint._process_mmcls_checkpoint(load_from_http(url, map_location))
 
 
-def _load_bytes(data: bytes, filename: str, map_location: Any) -> Any:
+def _load_fetched(fetch: Callable[[str], None], filename: str, map_location: Any) -> Any:
+    """Read the checkpoint that ``fetch(path)`` writes to a temporary file (a storage service's copy of
+    ``filename``)."""
     with tempfile.TemporaryDirectory() as folder:
         path = osp.join(folder, 'checkpoint.pth')
-        with open(path, 'wb') as f:
-            f.write(data)
+        fetch(path)
         return _for_mmengine(safe_torch_load(path, map_location, source=filename), filename)
 
 
 def load_from_ceph(filename: str, map_location: Any = None) -> Any:
-    return _load_bytes(get_file_backend(filename, backend_args={'backend': 'petrel'}).get(filename), filename,
-                       map_location)
+    def fetch(path: str) -> None:
+        with open(path, 'wb') as f:
+            f.write(get_file_backend(filename, backend_args={'backend': 'petrel'}).get(filename))
+    return _load_fetched(fetch, filename, map_location)
 
 
 def load_from_pavi(filename: str, map_location: Any = None) -> Any:
     from pavi import modelcloud  # optional: only pavi:// paths need it
-    model = modelcloud.get(filename[len('pavi://'):])
-    with tempfile.TemporaryDirectory() as folder:
-        path = osp.join(folder, model.name)
-        model.download(path)
-        return _for_mmengine(safe_torch_load(path, map_location, source=filename), filename)
+    return _load_fetched(modelcloud.get(filename[len('pavi://'):]).download, filename, map_location)
 
 
 #: Our loader for every scheme mmengine 0.10's ``CheckpointLoader`` knows (its prefixes): each resolves the
@@ -393,10 +392,10 @@ SAFE_LOADERS: Dict[Tuple[str, ...], Callable] = {
 
 
 def _refuse_scheme(prefix: str) -> Callable:
-    def load_refused(filename: str, map_location: Any = None) -> Any:
-        raise CheckpointError(f'{filename!r}: checkpoints of the scheme {prefix!r} are not read (convmae_backbone '
-                              f'reads only the schemes it can read safely: {sorted(p for ps in SAFE_LOADERS for p in ps)})')
-    return load_refused
+    def load_from_unsafe_scheme(filename: str, map_location: Any = None) -> Any:
+        raise CheckpointError(f'{filename!r}: checkpoints of the scheme {prefix!r} are not read (not one of '
+                              f'convmae_backbone.checkpoint.SAFE_LOADERS, the schemes it reads without running code)')
+    return load_from_unsafe_scheme
 
 
 def register_safe_mmengine_loader() -> None:

@@ -174,12 +174,15 @@ def test_init_cfg_list_form_and_other_entries(tmp_path, sd, small_arch):
     _assert_loaded(model, sd)
     with pytest.raises(ValueError, match=r"unknown: \['checkpiont'\]"):
         ConvMAE(**small_arch, init_cfg=dict(type='Pretrained', checkpiont=str(path)))
+    with pytest.raises(ValueError, match=r'min_loaded is a fraction'):
+        ConvMAE(**small_arch, init_cfg=[dict(type='Pretrained', checkpoint=str(path), min_loaded=50)])
 
 
 def test_init_cfg_prefix_selects_and_strips_keys(tmp_path, sd, small_arch):
     """mmengine's PretrainedInit ``prefix``: the keys under it, stripped; here an EMA teacher that no format
     detection would find."""
-    state = {**{f'teacher.{k}': v for k, v in sd.items()}, **{f'student.{k}': torch.zeros_like(v) for k, v in sd.items()}}
+    state = {**{f'teacher.{k}': v for k, v in sd.items()},
+             **{f'student.{k}': torch.zeros_like(v) for k, v in sd.items()}}
     path = tmp_path / 'distilled.pth'
     torch.save({'state_dict': state}, path)
     for prefix in ('teacher', 'teacher.'):
@@ -278,8 +281,9 @@ def test_foreign_checkpoint_is_refused_with_what_matched(tmp_path, sd, small_arc
     path = tmp_path / 'other_model.pth'
     torch.save({'state_dict': state}, path)
     with pytest.raises(CheckpointError, match=r"other_model\.pth' fills only 2 of the 67 tensors of the encoder "
-                                              r"\(fewer than 50%\); loaded per module: pos_embed 1/1, patch_embed1 1/4, "
-                                              r"patch_embed2 0/4, .* blocks1 0/14, blocks2 0/14, blocks3 0/24\. .*"
+                                              r"\(fewer than 50%\); loaded per module: pos_embed 1/1, "
+                                              r"patch_embed1 1/4, patch_embed2 0/4, .* blocks1 0/14, blocks2 0/14, "
+                                              r"blocks3 0/24\. .*"
                                               r"set min_loaded=0\.0"):
         _load(path, small_arch)
     init_cfg = dict(type='Pretrained', checkpoint=str(path), min_loaded=0.0)

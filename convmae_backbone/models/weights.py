@@ -174,6 +174,8 @@ def split_init_cfg(init_cfg: Any) -> Tuple[List[dict], List[dict]]:
         if unknown or not cfg.get('checkpoint'):
             raise ValueError(f"init_cfg {cfg}: a 'Pretrained' entry takes checkpoint=PATH_OR_URL and optionally "
                              f'{", ".join(PRETRAINED_KEYS[2:])}' + (f'; unknown: {unknown}' if unknown else ''))
+        if not 0.0 <= cfg.get('min_loaded', MIN_LOADED) <= 1.0:
+            raise ValueError(f"init_cfg {cfg}: min_loaded is a fraction of the encoder's tensors, in [0, 1]")
     return pretrained, [c for c in cfgs if c.get('type') != 'Pretrained']
 
 
