@@ -152,14 +152,14 @@ def fill_counts(own: Iterable[str], loaded: Iterable[str]) -> str:
 
 
 def check_filled(own: Sequence[str], loaded: Iterable[str], min_loaded: float, source: str, what: str,
-                 opt_out: str) -> None:
+                 advice: str) -> None:
     """Raise :class:`CheckpointError` if fewer than ``min_loaded`` of the keys ``own`` (of ``what``, e.g. 'the
-    encoder') are ``loaded`` from ``source``, listing :func:`fill_counts` and how to ``opt_out``."""
+    encoder') are ``loaded`` from ``source``, listing :func:`fill_counts`, then ``advice``."""
     loaded = set(loaded) & set(own)
     if len(loaded) < min_loaded * len(own):
         raise CheckpointError(f'{source} fills only {len(loaded)} of the {len(own)} tensors of {what} (fewer than '
                               f'{min_loaded:.0%}); loaded per module: {fill_counts(own, loaded)}. Is it a '
-                              f'checkpoint of this model? {opt_out}')
+                              f'checkpoint of this model? {advice}')
 
 
 # ------------------------------------------------------------------------------------------- init_cfg
