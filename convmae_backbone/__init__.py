@@ -1,7 +1,8 @@
 """ConvMAE (MCMAE) for mmengine, mmdet 3.x, mmseg 1.x and mmpretrain 1.x.
 
 ``import convmae_backbone`` registers its components in the OpenMMLab registries (each class where it is
-defined, :mod:`.registry`), routes mmengine's local checkpoint loading through our safe loader
+defined, :mod:`.registry`), routes every scheme of mmengine's
+``CheckpointLoader`` through our safe loader
 (:func:`.checkpoint.register_safe_mmengine_loader`), registers our models by name in mmpretrain
 (:mod:`.apis.hub`) and timm (:mod:`.models.timm_model`), and our operations' FLOPs in mmengine's counter
 (:mod:`.engine.flops`).
@@ -25,7 +26,8 @@ from .resources import config_path
 __version__ = '0.1.0'
 
 # At import, because configs load us through custom_imports, the only hook that runs before the Runner reads
-# `load_from` / `--resume` checkpoints (which mmengine 0.10's own loader refuses under torch >= 2.6).
+# `load_from` / `--resume` checkpoints (mmengine 0.10's own loaders are not safe, and refuse its own files under
+# torch >= 2.6).
 register_safe_mmengine_loader()
 # Our models by name in mmpretrain's get_model / list_models / inferencers; our operations in mmengine's FLOP counter.
 register_mmpretrain_models()

@@ -1,8 +1,12 @@
 """Helpers shared by several test modules: tiny pretraining configs, images to train them on, the applications."""
+import contextlib
+import functools
+import http.server
 import importlib
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -103,3 +107,22 @@ def lr_curve(param_scheduler: list, steps: int, iters_per_epoch: int = 1) -> lis
         for s in schedulers:
             s.step()
     return lrs
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path) -> Iterator[str]:
+    """Serve the files of ``folder`` over http on 127.0.0.1 (a free port) while in the context; yields the base
+    URL (``http://127.0.0.1:PORT``)."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(Quiet, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}'
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -60,7 +60,7 @@ def checkpoint_arch(path: str, num_heads: Optional[int] = None) -> dict:
     ckpt = safe_torch_load(path)
     state = extract_state_dict(ckpt)
     if num_heads is None:
-        stored = stored_config(ckpt)
+        stored = stored_config(ckpt, path)
         num_heads = stored.model.get('num_heads') if stored is not None else None
     if num_heads is None:
         num_heads = _heads_from_pretrain_configs(infer_arch(state))

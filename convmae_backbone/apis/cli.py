@@ -305,6 +305,9 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> Runner:
     cfg = config_from_args(args, DOWNSTREAM_SCOPES)
     scope = cfg.default_scope
     cfg.load_from = args.checkpoint
+    # mmengine loads it with strict=False and only warns: refuse one that leaves most of the model unloaded
+    cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [
+        dict(type='LoadedWeightsCheckHook', checkpoint=args.checkpoint)]
     if args.show or args.show_dir:
         enable_visualization(cfg, args.show, args.show_dir, args.wait_time)
     if args.out is not None and scope in ('mmdet', 'mmpretrain') and not args.out.endswith(('.pkl', '.pickle')):

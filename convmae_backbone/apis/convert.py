@@ -27,7 +27,6 @@ on the class-specific ``bbox_pred`` layout (rows 4k..4k+3 are class k's dx, dy, 
 them); ``tests/test_convert.py`` checks each of these against mmdet.
 """
 import os
-import pickle
 import re
 import zipfile
 from collections import OrderedDict
@@ -37,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, atomic_write, safe_torch_load
+from ..checkpoint import CheckpointError, atomic_write, checkpoint_weights, load_weights_pickle, safe_torch_load
 
 KINDS = ('det', 'vitdet', 'seg', 'cls')
 
@@ -197,18 +196,13 @@ def _as_tensor(key: str, value, source: str) -> Tensor:
 
 
 def model_state(ckpt, source: str, kind: Optional[str] = None) -> 'OrderedDict[str, Tensor]':
-    """The weights dict of a checkpoint: ``ckpt['model']`` (official, detectron2), ``ckpt['state_dict']``
-    (mmcv / mmengine) or ``ckpt`` itself; numpy arrays become tensors. With ``kind``, first check that the keys
-    are those of that kind (:func:`check_kind`)."""
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f'{source}: expected a dict, found {type(ckpt).__name__}')
-    for key in ('model', 'state_dict'):
-        if isinstance(ckpt.get(key), Mapping):
-            ckpt = ckpt[key]
-            break
+    """The weights dict of a checkpoint (:func:`..checkpoint.checkpoint_weights`: ``ckpt['state_dict']`` (mmcv /
+    mmengine), ``ckpt['model']`` (official, detectron2) or ``ckpt`` itself); numpy arrays become tensors. With
+    ``kind``, first check that the keys are those of that kind (:func:`check_kind`)."""
+    state = checkpoint_weights(ckpt, source)
     if kind is not None:
-        check_kind(ckpt, kind, source)
-    return OrderedDict((k, _as_tensor(k, v, source)) for k, v in ckpt.items())
+        check_kind(state, kind, source)
+    return OrderedDict((k, _as_tensor(k, v, source)) for k, v in state.items())
 
 
 def check_kind(state: Mapping, kind: str, source: str) -> None:
@@ -223,35 +217,14 @@ def check_kind(state: Mapping, kind: str, source: str) -> None:
                           f'{missing}{hint}')
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickler for detectron2's ``.pkl`` weights: dicts of numpy arrays, nothing else."""
-    ALLOWED = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
-               ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-               ('numpy', 'ndarray'), ('numpy', 'dtype'), ('collections', 'OrderedDict')}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f'{module}.{name} is not allowed in a weights pickle')
-        return super().find_class(module, name)
-
-
 def load_source(path: str) -> dict:
-    """Read a checkpoint with :func:`safe_torch_load`; a plain pickle of numpy arrays (detectron2 ``.pkl``) is
-    read with an unpickler that accepts numpy arrays only. Any unreadable file raises :class:`CheckpointError`."""
-    try:
-        return safe_torch_load(path)
-    except CheckpointError as exc:
-        torch_error = exc
-    except Exception as exc:  # noqa: BLE001 - torch's unpickler raises KeyError, IndexError... on some garbage
-        torch_error = CheckpointError(f'checkpoint file {path!r} could not be read (not a PyTorch checkpoint): '
-                                      f'{type(exc).__name__}: {exc}')
+    """Read a checkpoint with :func:`..checkpoint.safe_torch_load`, or a plain pickle of numpy arrays (detectron2
+    ``.pkl``) with :func:`..checkpoint.load_weights_pickle`. Any unreadable file, and any file naming a global
+    that neither allows, raises :class:`CheckpointError`."""
     if not os.path.isfile(path) or zipfile.is_zipfile(path):
-        raise torch_error
-    try:
-        with open(path, 'rb') as f:
-            return _ArrayUnpickler(f, encoding='latin1').load()
-    except Exception:  # noqa: BLE001 - not a weights pickle either: report the torch error
-        raise torch_error from None
+        return safe_torch_load(path)
+    first = load_weights_pickle(path)
+    return first if isinstance(first, dict) else safe_torch_load(path)  # a legacy torch file: magic number first
 
 
 # --------------------------------------------------------------------------------------- per format

@@ -9,41 +9,41 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 from mmengine.config import Config
+from mmengine.registry import MODELS
 from PIL import Image
 
-from ..checkpoint import CheckpointError, safe_torch_load
+from ..checkpoint import CheckpointError, checkpoint_weights, literal_assignments, safe_torch_load
 from ..datasets import to_rgb8
 from ..models import ConvMAEPretrainer
 from ..models.masking import upsample_mask
 from ..models.utils import unpatchify
-from ..models.weights import extract_state_dict
+from ..models.weights import PRETRAINING_ONLY, extract_state_dict
 
 
-def stored_config(ckpt: dict) -> Optional[Config]:
-    """The config mmengine stores in a loaded checkpoint's ``meta.cfg``, or None."""
+def stored_config(ckpt: dict, source: str = 'checkpoint') -> Optional[Config]:
+    """``Config(model=...)`` of the config text mmengine stores in a loaded checkpoint's ``meta.cfg``, read without
+    executing it (:func:`..checkpoint.literal_assignments`), or None if there is none. Raises
+    :class:`CheckpointError` naming ``source`` if its ``model`` is not a literal (e.g. it calls a function)."""
     text = (ckpt.get('meta') or {}).get('cfg') if isinstance(ckpt, dict) else None
-    return Config.fromstring(text, '.py') if isinstance(text, str) and text else None
+    if not isinstance(text, str) or not text:
+        return None
+    values, refused = literal_assignments(text, f'meta.cfg of {source}')
+    if 'model' not in values:
+        why = f'is not a literal ({refused["model"]})' if 'model' in refused else 'assigns no model'
+        raise CheckpointError(f'the config stored in {source} (meta.cfg) {why}; config text in a checkpoint is '
+                              f'never executed: pass --config')
+    return Config(dict(model=values['model']))
 
 
-#: Weights a ConvMAE pretraining checkpoint holds beyond the encoder.
-DECODER_KEYS = ('mask_token', 'decoder_embed.weight', 'decoder_pred.weight')
 NEEDS = ('give a checkpoint written by tools/pretrain.py, or an official ConvMAE pretraining checkpoint with '
          '--config')
-
-
-def _raw_weights(ckpt) -> dict:
-    """The tensor dict of a loaded checkpoint (under 'state_dict', 'model' or 'module'), prefixes kept."""
-    if isinstance(ckpt, dict):
-        for key in ('state_dict', 'model', 'module'):
-            if isinstance(ckpt.get(key), dict):
-                return ckpt[key]
-    return ckpt if isinstance(ckpt, dict) else {}
 
 
 def describe_weights(ckpt) -> str:
     """What a loaded checkpoint holds, in words: 'a ConvMAE pretraining model', 'a detector (...)',
     'a ConvMAE encoder without the decoder (...)', or its top-level key prefixes."""
-    raw = {k: v for k, v in _raw_weights(ckpt).items() if isinstance(v, torch.Tensor)}
+    weights = checkpoint_weights(ckpt) if isinstance(ckpt, dict) else {}
+    raw = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
     if not raw:
         return 'no tensors'
     keys = [k[len('module.'):] if k.startswith('module.') else k for k in raw]
@@ -54,7 +54,7 @@ def describe_weights(ckpt) -> str:
         return f'a detector: {", ".join(tops)}'
     state = extract_state_dict(ckpt)
     has_encoder = 'pos_embed' in state and any(k.startswith('blocks3.') for k in state)
-    if has_encoder and all(k in state for k in DECODER_KEYS):
+    if has_encoder and set(PRETRAINING_ONLY) <= {k.split('.', 1)[0] for k in state}:
         return 'a ConvMAE pretraining model'
     if has_encoder:
         return 'a ConvMAE encoder without the decoder (a backbone export or a fine-tuned backbone)'
@@ -76,7 +76,7 @@ def find_config(ckpt_path: str, ckpt: dict, config: Optional[str] = None) -> Con
     :class:`CheckpointError` if there is neither. Never guessed from other files."""
     if config:
         return Config.fromfile(config)
-    stored = stored_config(ckpt)
+    stored = stored_config(ckpt, ckpt_path)
     if stored is not None:
         return stored
     raise CheckpointError(f'{ckpt_path} stores no config (no meta.cfg, e.g. an official pretraining checkpoint); '
@@ -99,12 +99,14 @@ def build_model(ckpt_path: str, config: Optional[str] = None,
     """The ConvMAEPretrainer of the checkpoint's config (:func:`pretraining_model_config`) in eval mode, with the
     checkpoint's weights (``weights=False``: randomly initialised). Raises :class:`CheckpointError` for anything
     but a ConvMAE pretraining checkpoint."""
-    from mmengine.registry import MODELS
     ckpt = safe_torch_load(ckpt_path)
-    model = MODELS.build(pretraining_model_config(ckpt_path, ckpt, config, mask_ratio))
-    if not isinstance(model, ConvMAEPretrainer):
-        raise CheckpointError(f'the config of {ckpt_path} builds a {type(model).__name__}, not a '
+    model_cfg = pretraining_model_config(ckpt_path, ckpt, config, mask_ratio)
+    model_cls = MODELS.get(model_cfg.get('type'))
+    if not (isinstance(model_cls, type) and issubclass(model_cls, ConvMAEPretrainer)):
+        raise CheckpointError(f'the config of {ckpt_path} builds a {model_cfg.get("type")!r}, not a '
                               f'ConvMAEPretrainer; {NEEDS}')
+    model_cfg.pop('init_cfg', None)  # the weights come from the checkpoint; nothing else is read
+    model = MODELS.build(model_cfg)
     if weights:
         try:
             model.load_state_dict(extract_state_dict(ckpt), strict=True)

@@ -9,6 +9,8 @@
   checkpoint behind, nor a run without any checkpoint. With mmengine's ``ZeroRedundancyOptimizer`` every
   process takes part in gathering the sharded optimizer state, so the checkpoint holds all of it (mmengine's
   own ``CheckpointHook`` would leave the main process waiting for the others).
+* :class:`LoadedWeightsCheckHook` refuses a checkpoint that would leave most of the model unloaded (mmengine
+  loads ``load_from`` with ``strict=False`` and only warns); ``tools/test.py`` adds it.
 * :class:`ReseedHook` re-seeds Python, numpy and torch at the start of every epoch from (seed, epoch, rank)
   and before every iteration from (seed, iteration, rank), so a run resumed from an epoch checkpoint draws
   the same masks (and, with ``num_workers=0`` and mmengine's own samplers, the same crops) as an uninterrupted
@@ -31,7 +33,8 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import ZeroRedundancyOptimizer
 
-from ..checkpoint import atomic_write, safe_torch_load
+from ..checkpoint import atomic_write, checkpoint_weights, safe_torch_load
+from ..models.weights import check_filled, resizable
 from ..registry import register
 
 
@@ -171,7 +174,7 @@ class NonFiniteLossHook(Hook):
     def rollback(self, runner, path: str) -> None:
         """Load the weights and optimizer state of checkpoint ``path``; keep the current hyper-parameters."""
         ckpt = safe_torch_load(path, map_location='cpu')
-        state = ckpt.get('state_dict', ckpt)
+        state = checkpoint_weights(ckpt, path)
         if not all(torch.isfinite(v).all() for v in state.values() if torch.is_tensor(v) and v.is_floating_point()):
             raise FloatingPointError(f'cannot roll back: checkpoint {path} holds non-finite weights')
         self._model(runner).load_state_dict(state)
@@ -235,3 +238,31 @@ class PlainParamGroupsHook(Hook):
         for wrapper in (wrapper.optim_wrappers.values() if isinstance(wrapper, OptimWrapperDict) else [wrapper]):
             groups = wrapper.optimizer.param_groups
             groups[:] = [dict(group) for group in groups]
+
+
+@register('HOOKS')
+class LoadedWeightsCheckHook(Hook):
+    """Before the Runner loads ``checkpoint`` (``load_from``) into the model, raise
+    :class:`~convmae_backbone.checkpoint.CheckpointError` if it fills fewer than ``min_loaded`` of the model's
+    tensors, naming what it fills per top-level module (``backbone 0/312, neck 16/16, ...``).
+
+    A tensor counts as filled when the checkpoint holds its key (as mmengine loads it: ``state_dict`` or the
+    checkpoint itself, ``module.`` stripped) with its shape, or one the encoder resizes on loading.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, checkpoint: str, min_loaded: float = 0.5):
+        self.checkpoint, self.min_loaded = checkpoint, min_loaded
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        state = checkpoint.get('state_dict', checkpoint)  # what mmengine's _load_checkpoint_to_model loads
+        state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
+        own = model.state_dict()
+        filled = [k for k, v in own.items() if torch.is_tensor(state.get(k)) and (
+            state[k].shape == v.shape or resizable(k, state[k], v.shape))]
+        hint = ("It holds the official format ({'model': ...}): convert it with tools/convert_official.py."
+                if 'state_dict' not in checkpoint and isinstance(checkpoint.get('model'), dict) else
+                'Evaluate a checkpoint of this config (e.g. one tools/train.py wrote).')
+        check_filled(list(own), filled, self.min_loaded, f'checkpoint {self.checkpoint!r}', 'the model', hint)

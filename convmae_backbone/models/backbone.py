@@ -1,14 +1,13 @@
 """``ConvMAE``: the ConvMAE encoder as an mmdet/mmseg backbone."""
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import safe_torch_load
 from ..registry import register
 from .arch import check_arch, infer_arch
 from .convvit import ConvViT
-from .weights import extract_state_dict
+from .weights import pretrained_state, split_init_cfg
 
 
 @register('MODELS', downstream=True)
@@ -43,9 +42,11 @@ class ConvMAE(ConvViT):
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
                  h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, out_type: str = 'featmaps',
                  arch: Optional[str] = None, **kwargs):
+        state = None
         if arch is not None:
-            kwargs = self._arch_from_checkpoint(arch, kwargs)
+            kwargs, state = self._arch_from_checkpoint(arch, kwargs)
         super().__init__(*args, **kwargs)
+        self._preloaded_state = state  # init_weights loads these weights without reading the file again
         if out_type not in ('featmaps', 'avg_featmap'):
             raise ValueError(f"out_type must be 'featmaps' or 'avg_featmap', got {out_type!r}")
         self.out_type = out_type
@@ -75,16 +76,17 @@ class ConvMAE(ConvViT):
         self._freeze_stages()
 
     @staticmethod
-    def _arch_from_checkpoint(arch: str, kwargs: dict) -> dict:
-        """``kwargs`` completed with the architecture of ``init_cfg``'s checkpoint (``arch='auto'``)."""
-        init_cfg = kwargs.get('init_cfg') or {}
-        if arch != 'auto' or not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained':
-            raise ValueError(f"arch must be None or 'auto' (with init_cfg=dict(type='Pretrained', checkpoint=...)), "
-                             f'got arch={arch!r}, init_cfg={init_cfg!r}')
-        path = init_cfg['checkpoint']
-        inferred = infer_arch(extract_state_dict(safe_torch_load(path)), kwargs.get('num_heads'))
-        check_arch(kwargs, inferred, path)
-        return {**inferred, **kwargs}
+    def _arch_from_checkpoint(arch: str, kwargs: dict) -> Tuple[dict, Dict[str, Tensor]]:
+        """``kwargs`` completed with the architecture of ``init_cfg``'s checkpoint (``arch='auto'``), and the
+        encoder weights read from it."""
+        pretrained, _ = split_init_cfg(kwargs.get('init_cfg'))
+        if arch != 'auto' or len(pretrained) != 1:
+            raise ValueError(f"arch must be None or 'auto' (with one init_cfg entry dict(type='Pretrained', "
+                             f"checkpoint=...)), got arch={arch!r}, init_cfg={kwargs.get('init_cfg')!r}")
+        state = pretrained_state(pretrained[0])
+        inferred = infer_arch(state, kwargs.get('num_heads'))
+        check_arch(kwargs, inferred, pretrained[0]['checkpoint'])
+        return {**inferred, **kwargs}, state
 
     def init_weights(self) -> None:
         super().init_weights()

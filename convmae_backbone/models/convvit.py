@@ -6,7 +6,7 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, initialize
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
@@ -14,7 +14,7 @@ from .attention import RelativePositionBias, TransformerBlock
 from .conv_blocks import ConvBlock, PatchEmbed
 from .masking import BlockMask
 from .utils import resize_pos_embed
-from .weights import load_pretrained
+from .weights import MIN_LOADED, load_pretrained, resize_on_load, split_init_cfg
 
 
 #: Relative position bias of stage 3 (``rel_pos_bias`` of :class:`ConvViT`).
@@ -73,8 +73,15 @@ class ConvViT(BaseModule):
         conv_norm_eps: eps of the conv blocks' LayerNorms (1e-5 officially; 1e-6 in the ViTDet-style detector,
             whose configured norm layer reaches them).
         with_cp: activation checkpointing of every block while training.
-        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads ConvMAE weights of any supported format
-            (:func:`convmae_backbone.models.weights.load_pretrained`); otherwise random initialisation.
+        init_cfg: mmengine's: a dict or a list of dicts. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads
+            ConvMAE weights of any supported format (:func:`convmae_backbone.models.weights.load_pretrained`,
+            read through mmengine's ``CheckpointLoader``), with mmengine's ``prefix`` (only the keys under it,
+            stripped) and ``min_loaded`` (default 0.5: fewer of the encoder's tensors filled is an error; 0.0
+            accepts any checkpoint with a ConvMAE key). Other entries (e.g. ``Constant``) are applied by mmengine
+            after the random initialisation, ``Pretrained`` ones last.
+
+    Weights of another grid or table size are resized whenever they are loaded (``load_state_dict`` pre-hook
+    :func:`convmae_backbone.models.weights.resize_on_load`).
     """
 
     #: Which stage every top-level module or parameter of the encoder belongs to (0: the stem
@@ -110,6 +117,11 @@ class ConvViT(BaseModule):
                  init_cfg: Optional[dict] = None,
                  **base_kwargs):
         super().__init__(init_cfg=init_cfg, **base_kwargs)
+        split_init_cfg(init_cfg)  # a malformed Pretrained entry fails here, before any weight is built
+        #: Encoder weights of init_cfg's checkpoint already read (by ``ConvMAE(arch='auto')``), used once by
+        #: :meth:`init_weights` instead of reading the file again.
+        self._preloaded_state: Optional[Dict[str, Tensor]] = None
+        self.register_load_state_dict_pre_hook(resize_on_load)
         patch_sizes = tuple(int(p) for p in _to_tuple3(patch_sizes, 'patch_sizes'))
         embed_dims = tuple(int(d) for d in _to_tuple3(embed_dims, 'embed_dims'))
         depths = tuple(int(d) for d in _to_tuple3(depths, 'depths'))
@@ -186,12 +198,16 @@ class ConvViT(BaseModule):
 
     # ------------------------------------------------------------------------------------------ weights
     def init_weights(self) -> None:
-        """Load ``init_cfg``'s checkpoint (``type='Pretrained'``) or initialise at random."""
-        cfg = self.init_cfg or {}
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
-            load_pretrained(self, cfg['checkpoint'])
-        else:
-            self.init_random_weights()
+        """Initialise at random, apply ``init_cfg``'s other entries (mmengine's ``initialize``), then load the
+        checkpoint of each ``Pretrained`` entry."""
+        pretrained, others = split_init_cfg(self.init_cfg)
+        self.init_random_weights()
+        if others:
+            initialize(self, others)
+        for cfg in pretrained:
+            load_pretrained(self, cfg['checkpoint'], cfg.get('prefix'), cfg.get('min_loaded', MIN_LOADED),
+                            cfg.get('map_location', 'cpu'), state=self._preloaded_state)
+        self._preloaded_state = None
         self._is_init = True
 
     def init_random_weights(self) -> None:
