@@ -29,6 +29,8 @@ KIND_OF = ((BaseModel, 'MODELS'), (Hook, 'HOOKS'), (BaseTransform, 'TRANSFORMS')
 #: Classes of ours that subclass a buildable base but are not a config ``type`` under their own name.
 NOT_CONFIG_TYPES = {
     'CPUSyncBatchNorm': "replaces 'SyncBN' in distributed runs without CUDA (engine.distributed.use_cpu_sync_bn)",
+    'SeededDataset': 'base of the image-folder and tar-shard datasets (datasets.samplers)',
+    'SkipUnreadable': 'base of the loading transforms (datasets.transforms)',
 }
 
 
