@@ -42,7 +42,7 @@ from convmae_backbone.apis.visualization import stored_config, titled_row, visua
 from convmae_backbone.checkpoint import safe_torch_load  # noqa: E402
 from convmae_backbone.engine.hooks import last_checkpoint  # noqa: E402
 from convmae_backbone.engine.knn import plot_knn_curve, read_knn_curve  # noqa: E402
-from convmae_backbone.models.arch import check_arch, infer_arch  # noqa: E402
+from convmae_backbone.models.arch import check_arch, infer_arch, model_arch  # noqa: E402
 from convmae_backbone.models.weights import extract_state_dict  # noqa: E402
 from convmae_backbone.testing import (CONFIGS, DEMO_CONFIG, DEMO_PHOTOS, child_env, read_val_metrics,  # noqa: E402
                                       run_train_tool, tiny_det_config, tiny_seg_config, write_ade_dataset,
@@ -61,7 +61,7 @@ def checkpoint_arch(path: str, num_heads: Optional[int] = None) -> dict:
     state = extract_state_dict(ckpt)
     if num_heads is None:
         stored = stored_config(ckpt)
-        num_heads = stored.model.get('num_heads') if stored is not None else None
+        num_heads = model_arch(stored.model)['num_heads'] if stored is not None else None
     if num_heads is None:
         num_heads = _heads_from_pretrain_configs(infer_arch(state))
     if num_heads is None:
@@ -72,7 +72,7 @@ def checkpoint_arch(path: str, num_heads: Optional[int] = None) -> dict:
 def _heads_from_pretrain_configs(arch: dict) -> Optional[int]:
     """num_heads of the configs/pretrain/ config whose model has exactly this architecture and image size."""
     for path in sorted(glob.glob(osp.join(CONFIGS, 'pretrain', '*.py'))):
-        model = Config.fromfile(path).model
+        model = model_arch(Config.fromfile(path).model)
         try:
             check_arch(model, arch, path)
         except ValueError:
@@ -314,9 +314,9 @@ def pretrain_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, v
     cfg = quiet_config(cli.load_config(DEMO_CONFIG, options, work_dir=work, scopes=cli.PRETRAIN_SCOPES),
                        'pretraining', verbose)
     cli.check_schedule(cfg)
-    model = cfg.model
-    say(f'pretraining ConvMAE ({model.img_size} px, embed_dims {tuple(model.embed_dims)}, depths '
-        f'{tuple(model.depths)}) for {cfg.train_cfg.max_epochs} epochs with mmengine\'s Runner')
+    model = model_arch(cfg.model)
+    say(f'pretraining ConvMAE ({model["img_size"]} px, embed_dims {tuple(model["embed_dims"])}, depths '
+        f'{tuple(model["depths"])}) for {cfg.train_cfg.max_epochs} epochs with mmengine\'s Runner')
     start = time.time()
     runner = cli.build_runner(cfg)
     runner.train()

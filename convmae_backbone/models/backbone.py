@@ -34,17 +34,20 @@ class ConvMAE(ConvViT):
         out_type: ``'featmaps'`` returns the maps above; ``'avg_featmap'`` (image classification, the official
             fine-tuning and linear-probing head input) returns a 1-tuple ``(B, C3)``: the stage-3 tokens
             averaged, then ``fc_norm`` (LayerNorm, eps 1e-6); ``out_indices`` is then not used.
-        arch: ``'auto'`` reads ``in_channels``, ``patch_sizes``, ``embed_dims``, ``depths``, ``mlp_ratios`` (and
-            ``img_size`` unless given) from the shapes of ``init_cfg``'s checkpoint, e.g. the official v2
-            Small/Base/Large/Huge ones; ``num_heads`` is taken as given, else 64-channel heads. Any of those fields
-            also given explicitly must agree with the checkpoint: one ``ValueError`` lists every difference.
+        arch: a named size or dict (see :class:`ConvViT`), or ``'auto'``: reads ``in_channels``, ``patch_sizes``,
+            ``embed_dims``, ``depths``, ``mlp_ratios``, ``conv_kernel_size`` (and ``img_size`` unless given) from
+            the shapes of ``init_cfg``'s checkpoint, e.g. the official v2 Small/Base/Large/Huge ones; ``num_heads``
+            is taken as given, else 64-channel heads. Any of those fields also given explicitly must agree with the
+            checkpoint: one ``ValueError`` lists every difference.
     """
 
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
                  h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, out_type: str = 'featmaps',
-                 arch: Optional[str] = None, **kwargs):
-        if arch is not None:
-            kwargs = self._arch_from_checkpoint(arch, kwargs)
+                 arch=None, **kwargs):
+        if arch == 'auto':
+            kwargs = self._arch_from_checkpoint(kwargs)
+        elif arch is not None:
+            kwargs['arch'] = arch
         super().__init__(*args, **kwargs)
         if out_type not in ('featmaps', 'avg_featmap'):
             raise ValueError(f"out_type must be 'featmaps' or 'avg_featmap', got {out_type!r}")
@@ -75,12 +78,12 @@ class ConvMAE(ConvViT):
         self._freeze_stages()
 
     @staticmethod
-    def _arch_from_checkpoint(arch: str, kwargs: dict) -> dict:
+    def _arch_from_checkpoint(kwargs: dict) -> dict:
         """``kwargs`` completed with the architecture of ``init_cfg``'s checkpoint (``arch='auto'``)."""
         init_cfg = kwargs.get('init_cfg') or {}
-        if arch != 'auto' or not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained':
-            raise ValueError(f"arch must be None or 'auto' (with init_cfg=dict(type='Pretrained', checkpoint=...)), "
-                             f'got arch={arch!r}, init_cfg={init_cfg!r}')
+        if not isinstance(init_cfg, dict) or init_cfg.get('type') != 'Pretrained':
+            raise ValueError(f"arch='auto' reads the architecture from init_cfg=dict(type='Pretrained', "
+                             f'checkpoint=...), got init_cfg={init_cfg!r}')
         path = init_cfg['checkpoint']
         inferred = infer_arch(extract_state_dict(safe_torch_load(path)), kwargs.get('num_heads'))
         check_arch(kwargs, inferred, path)
