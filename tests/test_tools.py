@@ -44,6 +44,39 @@ def test_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
     assert torch.equal(visualization.reconstruct(model, images, seed=3)[:, 1], masked)
 
 
+def test_visualiser_shows_the_complementary_views(tmp_path, monkeypatch):
+    """A complementary-masking model: original, then every view's masked input and reconstruction + visible; the
+    views' visible blocks tile the image; visualize() labels the 9 columns (13 with the untrained model's)."""
+    model = MODELS.build(dict(type='ConvMAEPretrainer', img_size=32, **TINY_ARCH, masking='complementary',
+                              data_preprocessor=dict(type='ImgDataPreprocessor', mean=[123.675, 116.28, 103.53],
+                                                     std=[58.395, 57.12, 57.375]))).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    real = model.forward_mae
+
+    def perfect(x, mask=None, generator=None):  # predicts the norm-pix target of every view exactly
+        loss, pred, mask = real(x, mask, generator)
+        return loss, model.reconstruction_target(x).repeat(4, 1, 1), mask
+
+    monkeypatch.setattr(model, 'forward_mae', perfect)
+    panels = visualization.reconstruct(model, images, seed=3)
+    assert panels.shape == (2, 9, 3, 32, 32)
+    assert torch.equal(panels[:, 0], images)
+    masked, pasted = panels[:, 1::2], panels[:, 2::2]
+    assert (pasted.int() - images[:, None].int()).abs().max() <= 1
+    visible = (masked != 127).any(dim=2)  # (B, V, H, W): pixels shown in each view
+    assert (visible.sum(dim=1) == 1).all()  # one view shows each 16x16 block of a 32x32 image
+    assert visualization.columns(4)[1:3] == ('view 1 masked', 'view 1 reconstruction + visible')
+    monkeypatch.undo()
+    ckpt = tmp_path / 'fast.pth'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    img = tmp_path / 'img.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(img)
+    cfg = write_tiny_config(tmp_path / 'fast.py', tmp_path, extra="model.update(masking='complementary')\n")
+    width, _, caption = visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'v.png'), config=str(cfg),
+                                                compare_untrained=True)
+    assert width == (9 + 4) * 32 and '4 complementary views, 75% of each masked' in caption
+
+
 def test_visualiser_takes_config_from_flag_never_from_files_next_to_checkpoint(tmp_path):
     model = tiny_model()
     ckpt = tmp_path / 'run' / 'plain.pth'

@@ -269,9 +269,11 @@ def _version(name: str) -> str:
 
 
 def build_pretrain_model(variant: str, size: int, quick: bool, official_src: Optional[str] = None,
-                         fastconvmae_src: Optional[str] = None) -> Tuple[torch.nn.Module, Callable]:
+                         fastconvmae_src: Optional[str] = None, decoder_depth: Optional[int] = None
+                         ) -> Tuple[torch.nn.Module, Callable]:
     """(model, forward) for a pretraining variant; forward(imgs, mask) -> loss."""
     arch, dec = (TINY, TINY_DECODER) if quick else (BASE, BASE_DECODER)
+    dec = dict(dec, decoder_depth=decoder_depth or dec['decoder_depth'])
     if variant in ('official-source', 'fastconvmae-source'):
         official = (import_official(official_src) if variant == 'official-source' else
                     import_official(fastconvmae_src, 'models_fastconvmae', 'Alpha-VL/FastConvMAE'))
@@ -345,7 +347,7 @@ def worker_pretrain(cfg: dict) -> dict:
     device, size, batch, variant = cfg['device'], cfg['img_size'], cfg['batch'], cfg['variant']
     torch.manual_seed(0)
     model, forward = build_pretrain_model(variant, size, cfg['quick'], cfg.get('official_src'),
-                                          cfg.get('fastconvmae_src'))
+                                          cfg.get('fastconvmae_src'), cfg.get('decoder_depth'))
     model = model.to(device).train()
     wrapper = build_optim_wrapper(model, cfg['dtype'], device)
     trainable_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
@@ -638,7 +640,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 for kind, variant, task in jobs:
                     runs[(dtype, kind, variant, task)].append(run_worker(dict(
                         common, dtype=dtype, kind=kind, variant=variant, task=task,
-                        **(dict(batch=common['fast_batch']) if kind == 'fast' else {}),
+                        # the official Fast ConvMAE class always builds 8 decoder blocks (the tiny decoder has 1)
+                        **(dict(batch=common['fast_batch'], decoder_depth=8) if kind == 'fast' else {}),
                         profile=args.profile and kind in ('pretrain', 'fast'))))
         entries = []
         for dtype in dtypes:
