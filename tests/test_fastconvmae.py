@@ -5,12 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY_ARCH, make_images, write_tiny_config
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import PARAM_SCHEDULERS
 from mmengine.structures import BaseDataElement
 from PIL import Image
 
+from convmae_backbone.apis import cli
+from convmae_backbone.checkpoint import safe_torch_load
 from convmae_backbone.datasets.transforms import PackMAEInputs, RandomBlockMask
 from convmae_backbone.models import BlockMask, ConvMAEPretrainer
 from convmae_backbone.models.arch import arch_settings
@@ -260,3 +263,17 @@ def test_fastconvmae_schedule_and_weight_decay_groups_are_official():
         assert got == pytest.approx(official_lr(it / iters, lr), abs=(1e-4 + 1 / (10 * iters)) * lr), it
         for s in schedulers:
             s.step()
+
+
+def test_short_fastconvmae_run_on_the_runner(tmp_path):
+    """tools/pretrain.py with complementary masks from the pipeline: the Runner trains, and the checkpoint is an
+    ordinary ConvMAE pretraining checkpoint (it loads strictly into a block-wise pretrainer)."""
+    extra = ("model.update(masking='complementary')\n"
+             "train_dataloader['dataset']['pipeline'][3].update(masking='complementary')\n")
+    cfg = write_tiny_config(tmp_path / 'fast.py', make_images(tmp_path / 'data'), max_epochs=2, extra=extra)
+    runner = cli.pretrain([str(cfg), '--work-dir', str(tmp_path / 'work'), '--cfg-options', 'experiment_name=fast'])
+    assert runner.model.num_views == 4
+    losses = runner.message_hub.get_scalar('train/loss').data[0]
+    assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)  # 2 epochs x 2 iterations
+    state = safe_torch_load(tmp_path / 'work' / 'epoch_2.pth')['state_dict']
+    ConvMAEPretrainer(img_size=32, **TINY_ARCH).load_state_dict(state, strict=True)
