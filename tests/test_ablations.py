@@ -2,27 +2,11 @@
 multi-scale fusion; the official defaults are what the parity tests (test_sparse.py, test_fastconvmae.py) pin."""
 import pytest
 import torch
+from helpers import TINY_ARCH, random_pretrainer, rel_err
 
 from convmae_backbone.models import BlockMask, ConvMAE, ConvMAEPretrainer
 from convmae_backbone.models.masking import random_mask
 from convmae_backbone.models.sparse_conv import SparseDepthwiseConv, masked_depthwise_conv
-
-SMALL = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=4,
-             decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def random_pretrainer(sparse: bool, **kwargs) -> ConvMAEPretrainer:
-    torch.manual_seed(0)
-    model = ConvMAEPretrainer(img_size=64, **SMALL, sparse=sparse, **kwargs).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if 'norm' in name else 0.1))
-    return model
 
 
 @pytest.mark.parametrize('kernel', [7, 9])
@@ -69,7 +53,7 @@ def test_kernel_size_reaches_further_and_the_sparse_conv_keeps_its_own_gradients
 @pytest.mark.parametrize('kernel', [4, 0, -3])
 def test_kernel_size_must_be_odd_and_positive(kernel):
     with pytest.raises(ValueError, match=f'conv_kernel_size must be a positive odd number, got {kernel}'):
-        ConvMAE(img_size=32, **{k: v for k, v in SMALL.items() if not k.startswith('decoder')},
+        ConvMAE(img_size=32, **{k: v for k, v in TINY_ARCH.items() if not k.startswith('decoder')},
                 conv_kernel_size=kernel)
 
 

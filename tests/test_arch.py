@@ -145,7 +145,7 @@ def test_bad_arch_names_the_choices(arch, match):
 def test_model_arch_of_configs():
     """model_arch resolves what a config builds: the configs name their size instead of spelling it."""
     from mmengine.config import Config
-    from tests.helpers import BASE_CFG, DEMO_CFG
+    from helpers import BASE_CFG, DEMO_CFG
     base, demo = Config.fromfile(str(BASE_CFG)).model, Config.fromfile(str(DEMO_CFG)).model
     assert base.arch == 'base' and demo.arch == 'demo' and 'embed_dims' not in base and 'embed_dims' not in demo
     assert {k: model_arch(base)[k] for k in BASE} == BASE

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_ARCH, make_images, write_tiny_config
+from helpers import TINY_ARCH, make_images, random_pretrainer, rel_err, write_tiny_config
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import PARAM_SCHEDULERS
@@ -22,13 +22,6 @@ from convmae_backbone.models.masking import batch_masks, complementary_masks, nu
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / 'tests' / 'fixtures' / 'official_fastconvmae_small.pt'
 FAST_CFG = ROOT / 'configs' / 'pretrain' / 'fastconvmae-b_8xb64-50e_in1k.py'
-SMALL = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=4,
-             decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope='module')
@@ -107,19 +100,9 @@ def test_complementary_masks_partition_the_grid(ratio, length, views):
 @pytest.mark.parametrize('ratio', [0.6, 0.0, 0.7])
 def test_complementary_masking_needs_a_whole_number_of_views(ratio):
     with pytest.raises(ValueError, match='whole number'):
-        ConvMAEPretrainer(img_size=32, **SMALL, masking='complementary', mask_ratio=ratio)
+        ConvMAEPretrainer(img_size=32, **TINY_ARCH, masking='complementary', mask_ratio=ratio)
     with pytest.raises(ValueError, match='whole number'):
         RandomBlockMask(input_size=32, mask_ratio=ratio, masking='complementary')
-
-
-def random_pretrainer(sparse: bool, **kwargs) -> ConvMAEPretrainer:
-    """Small float64 pretrainer whose every parameter (LayerNorms and biases included) is random."""
-    torch.manual_seed(0)
-    model = ConvMAEPretrainer(img_size=64, **SMALL, sparse=sparse, **kwargs).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if 'norm' in name else 0.1))
-    return model
 
 
 def test_sparse_equals_dense_and_each_position_is_computed_once():
@@ -166,7 +149,7 @@ def test_each_view_is_block_wise_convmae_with_its_mask():
     (lambda: random_mask(8, 16, 0.75).reshape(2, 4, 16), 'must be disjoint'),
 ])
 def test_bad_view_masks_raise_value_error(make, match):
-    model = ConvMAEPretrainer(img_size=64, **SMALL, masking='complementary')
+    model = ConvMAEPretrainer(img_size=64, **TINY_ARCH, masking='complementary')
     with pytest.raises(ValueError, match=match):
         model.forward_mae(torch.randn(2, 3, 64, 64), make())
 
@@ -188,7 +171,7 @@ def test_pipeline_draws_the_views_from_the_sample_seed():
     assert "masking='complementary'" in repr(transform)
     data_samples = [s['data_samples'] for s in samples]
     assert batch_masks(data_samples).shape == (3, 4, 24)
-    model = ConvMAEPretrainer(img_size=64, **SMALL, masking='complementary')
+    model = ConvMAEPretrainer(img_size=64, **TINY_ARCH, masking='complementary')
     inputs = torch.stack([s['inputs'] for s in samples]).float()
     out = model(inputs, data_samples, mode='loss')
     out['loss'].backward()
@@ -244,7 +227,7 @@ def test_fastconvmae_schedule_and_weight_decay_groups_are_official():
     mmengine's warm-up: a start at 1e-4 of the peak, the peak one iteration early), and weight decay applies to exactly the parameters the
     official timm ``add_weight_decay`` decays (not 1-D, not ``.bias``; the mask token too)."""
     cfg = Config.fromfile(str(FAST_CFG))
-    model = ConvMAEPretrainer(img_size=32, **SMALL)
+    model = ConvMAEPretrainer(img_size=32, **TINY_ARCH)
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     decay = {id(p): g['weight_decay'] for g in wrapper.optimizer.param_groups for p in g['params']}
     for name, p in model.named_parameters():

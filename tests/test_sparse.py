@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_ARCH, random_pretrainer, rel_err
 
 from convmae_backbone.models import BlockMask, ConvMAEPretrainer
 from convmae_backbone.models.attention import Attention, RelativePositionBias, TransformerBlock
@@ -16,13 +17,6 @@ from convmae_backbone.models.reference import ExplicitAttention, with_explicit_a
 from convmae_backbone.models.utils import GeluLinear, gelu_linear
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'official_convmae_small.pt')
-SMALL = dict(embed_dims=(32, 48, 96), depths=(1, 1, 2), num_heads=4, mlp_ratios=4,
-             decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope='module')
@@ -58,16 +52,6 @@ def test_official_parity(official, sparse, norm_pix_loss):
     with torch.no_grad():
         latent = model.forward_encoder(imgs, BlockMask(mask, (14, 14)))
     assert rel_err(latent, official[f'latent_{tag}']) < 1e-6
-
-
-def random_pretrainer(sparse: bool, seed: int = 0) -> ConvMAEPretrainer:
-    """Small float64 pretrainer whose every parameter (LayerNorms and biases included) is random."""
-    torch.manual_seed(seed)
-    model = ConvMAEPretrainer(img_size=64, **SMALL, sparse=sparse).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if 'norm' in name else 0.1))
-    return model
 
 
 def test_sparse_equals_dense_non_square_grid():
@@ -301,7 +285,7 @@ def test_sparse_with_activation_checkpointing(monkeypatch):
                         lambda fn, *a, **k: checkpointed.append(type(fn).__name__) or checkpoint(fn, *a, **k))
     plain = random_pretrainer(True)
     torch.manual_seed(0)
-    ckpt = ConvMAEPretrainer(img_size=64, **SMALL, sparse=True, with_cp=True).double()
+    ckpt = ConvMAEPretrainer(img_size=64, **TINY_ARCH, sparse=True, with_cp=True).double()
     ckpt.load_state_dict(plain.state_dict())
     gen = torch.Generator().manual_seed(6)
     imgs = torch.randn(2, 3, 64, 64, generator=gen, dtype=torch.float64)

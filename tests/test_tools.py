@@ -13,6 +13,7 @@ from PIL import Image
 from convmae_backbone.apis import visualization
 from convmae_backbone.checkpoint import CheckpointError
 from convmae_backbone.apis.export import export_backbone
+from convmae_backbone.models.arch import model_arch
 
 
 def tiny_model(norm_pix: bool = True):
@@ -213,11 +214,11 @@ def test_demo_reads_the_backbone_architecture_of_a_checkpoint(tmp_path, capsys):
     from convmae_backbone.testing import DEMO_CONFIG
     checkpoint_arch = load_tool('demo').checkpoint_arch
     from convmae_backbone.apis.export import encoder_state_dict
-    demo_model = Config.fromfile(DEMO_CONFIG).model
+    demo_model = model_arch(Config.fromfile(DEMO_CONFIG).model)  # arch='demo' resolved
     arch = {k: demo_model[k] for k in ('img_size', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios')}
     state = MODELS.build(dict(type='ConvMAEPretrainer', **arch, decoder_embed_dim=32, decoder_depth=1,
                               decoder_num_heads=1)).state_dict()
-    expected = dict(arch, in_channels=3, patch_sizes=(4, 2, 2))
+    expected = dict(arch, in_channels=3, patch_sizes=(4, 2, 2), conv_kernel_size=5)
     torch.save(encoder_state_dict(state), tmp_path / 'exported.pth')  # no config: the demo config's heads
     assert checkpoint_arch(str(tmp_path / 'exported.pth')) == expected and arch['num_heads'] == 4
     assert checkpoint_arch(str(tmp_path / 'exported.pth'), num_heads=8)['num_heads'] == 8

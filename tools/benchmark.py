@@ -655,27 +655,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
             text += [f'### {device} {dtype}: {entry["machine"]}', '',
                      f"GEMM ceiling ({gemm['n']}^3 {dtype} torch.mm, best of {args.rounds} x {cfg['gemm_iters']}): "
                      f"**{ceiling:.1f} GFLOP/s**", '']
-            if args.only in (None, 'pretrain'):
-                rows = [(v, summarise(runs[(dtype, 'pretrain', v, None)], cfg['batch'], ceiling)) for v in pre]
-                entry['pretrain'] = dict(rows)
+            size = f"ConvMAE-{arch} {cfg['img_size']}x{cfg['img_size']}"
+            steps = [('pretrain', 'pretrain', pre, cfg['batch'], f"Pretraining step, {size}, batch {cfg['batch']}",
+                      'official-source' if args.official_src else 'official-formulation'),
+                     ('fastconvmae', 'fast', fast, cfg['fast_batch'],
+                      f"Fast ConvMAE step, {size}, batch {cfg['fast_batch']} images (complementary: 4 views each; "
+                      f"sparse: block-wise, one mask each)", 'fastconvmae-source' if args.fastconvmae_src else 'sparse')]
+            for name, kind, variants, batch, title, ref in steps:
+                if args.only not in (None, name):
+                    continue
+                rows = [(v, summarise(runs[(dtype, kind, v, None)], batch, ceiling)) for v in variants]
+                entry[name] = dict(rows)
                 wrapper = next((r.get('wrapper') for _, r in rows if 'wrapper' in r), '?')
-                ref = 'official-source' if args.official_src else 'official-formulation'
-                text += [format_section(
-                    f"Pretraining step, ConvMAE-{arch} {cfg['img_size']}x{cfg['img_size']}, batch {cfg['batch']}, "
-                    f"mask 0.75, fwd+bwd+optimizer through {wrapper} ({args.rounds} x {args.iters} timed iterations)",
-                    mem, rows, ref), '']
-                if args.profile:
-                    text += [format_breakdown(rows, 'CPU' if device == 'cpu' else 'CUDA'), '']
-            if args.only in (None, 'fastconvmae'):
-                rows = [(v, summarise(runs[(dtype, 'fast', v, None)], cfg['fast_batch'], ceiling)) for v in fast]
-                entry['fastconvmae'] = dict(rows)
-                wrapper = next((r.get('wrapper') for _, r in rows if 'wrapper' in r), '?')
-                ref = 'fastconvmae-source' if args.fastconvmae_src else 'sparse'
-                text += [format_section(
-                    f"Fast ConvMAE step, ConvMAE-{arch} {cfg['img_size']}x{cfg['img_size']}, batch "
-                    f"{cfg['fast_batch']} images (complementary: 4 views each; sparse: block-wise, one mask each), "
-                    f"mask 0.75, fwd+bwd+optimizer through {wrapper} ({args.rounds} x {args.iters} timed "
-                    f"iterations)", mem, rows, ref), '']
+                text += [format_section(f"{title}, mask 0.75, fwd+bwd+optimizer through {wrapper} ({args.rounds} x "
+                                        f"{args.iters} timed iterations)", mem, rows, ref), '']
                 if args.profile:
                     text += [format_breakdown(rows, 'CPU' if device == 'cpu' else 'CUDA'), '']
             if args.only in (None, 'backbone'):

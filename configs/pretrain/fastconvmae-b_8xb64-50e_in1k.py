@@ -10,7 +10,7 @@
 #
 # Deliberate differences from the official code (one line each):
 # - masks are drawn in the data pipeline from each sample's seed (the same on any number of GPUs); officially in the model, per process.
-# - stages 1-2 run on the visible blocks of the 4 views (each position once); officially densely, with 4 depthwise convolutions per block.
+# - stages 1-2 run on the visible blocks of the 4 views (sparse layout, same values); officially densely, with 4 masked depthwise convolutions per block.
 # - grids whose token count 4 does not divide leave the remainder masked in every view; the official code (224 only) gives it to the last view.
 # - fp32 unless --amp (bf16 where supported, else fp16 with loss scaling); officially always fp16 autocast with a loss scaler.
 # - warm-up starts at 1e-4 of the lr and reaches it one iteration early (mmengine's LinearLR); officially from 0.

@@ -26,8 +26,9 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     ``masking='complementary'`` is Fast ConvMAE (Alpha-VL/FastConvMAE): every image is encoded under V =
     1 / (1 - mask_ratio) masks whose visible sets are disjoint (4 at 0.75), as V*B sequences, view-major; the loss
     is the mean over the masked tokens of all views. In the sparse layout the V views hold every position of the
-    image once, so stages 1-2 cost one pass over the image (the official code runs them densely and applies every
-    depthwise convolution V times); per view the computation is block-wise ConvMAE with that view's mask.
+    image once: the position-wise layers of stages 1-2 see each position once, as in the official code (which runs
+    them densely), and the depthwise convolutions run on the V views' scattered maps, as the official code's V
+    masked convolutions per block do. Per view the computation is block-wise ConvMAE with that view's mask.
 
     Ablation switches of the paper: ``conv_kernel_size`` (an encoder argument), ``multiscale_fusion=False``
     (no ``stage1_output_decode``/``stage2_output_decode``: the decoder sees stage 3 only).
