@@ -1,5 +1,5 @@
 """``ConvMAE``: the ConvMAE encoder as an mmdet/mmseg backbone."""
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ class ConvMAE(ConvViT):
 
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
                  h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, out_type: str = 'featmaps',
-                 arch=None, **kwargs):
+                 arch: Union[None, str, dict] = None, **kwargs):
         if arch == 'auto':
             kwargs = self._arch_from_checkpoint(kwargs)
         elif arch is not None:
