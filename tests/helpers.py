@@ -13,6 +13,7 @@ import torch
 from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR, MultiStepLR, PolyLR
 from PIL import Image
 
+from convmae_backbone.models import ConvMAEPretrainer
 from convmae_backbone.resources import config_path
 from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER
 
@@ -30,6 +31,23 @@ def load_tool(name: str):
     if str(TOOLS) not in sys.path:
         sys.path.insert(0, str(TOOLS))
     return importlib.import_module(name)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def random_pretrainer(sparse: bool, seed: int = 0, **kwargs) -> ConvMAEPretrainer:
+    """:data:`TINY_ARCH` float64 pretrainer at 64x64 whose every parameter (LayerNorms and biases included) is random;
+    ``kwargs``: further constructor arguments (masking, ablation switches)."""
+    torch.manual_seed(seed)
+    model = ConvMAEPretrainer(img_size=64, **TINY_ARCH, sparse=sparse, **kwargs).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if 'norm' in name else 0.1))
+    return model
 
 
 def make_images(root: Path, n: int = 8, size: int = 40, seed: int = 0) -> Path:

@@ -117,3 +117,37 @@ def test_quick_data_rows(tmp_path):
     for row in rows.values():
         assert row['per_process'] > 0 and row['loader'] > 0 and row['per_process_ratio'] > 0
     assert 'images/s, 1 process, 1 thread' in proc.stdout and 'Pretraining step' not in proc.stdout
+
+
+def test_quick_fastconvmae_rows(tmp_path):
+    """The Fast ConvMAE rows: our complementary step and our block-wise step on the same images, fp32 and bf16,
+    with their ratios; four views cost four block-wise forwards (FLOPs), every image once per view."""
+    out = tmp_path / 'bench.json'
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'benchmark.py'), '--quick', '--only', 'fastconvmae',
+                           '--iters', '1', '--warmup', '1', '--device', 'cpu', '--json', str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    entries = json.loads(out.read_text())['results']
+    assert [e['dtype'] for e in entries] == ['fp32', 'bf16']
+    for entry in entries:
+        rows = entry['fastconvmae']
+        assert set(rows) == {'complementary', 'sparse'} and 'pretrain' not in entry
+        assert rows['complementary']['flops'] == pytest.approx(4 * rows['sparse']['flops'], rel=0.02)
+        assert rows['complementary']['params'] == rows['sparse']['params']
+        assert all(r['best_s'] > 0 and r['saved_mb'] > 0 for r in rows.values())
+    assert 'Fast ConvMAE step, ConvMAE-tiny 64x64, batch 2 images' in proc.stdout
+    ratios = dict(re.findall(r'^\| (complementary [^|]+) \| ([0-9.]+) \|$', proc.stdout, re.M))
+    fp32 = entries[0]['fastconvmae']
+    assert float(ratios['complementary (ours) fp32 step / sparse (ours) fp32 step']) == pytest.approx(
+        fp32['complementary']['best_s'] / fp32['sparse']['best_s'], abs=0.006)
+    assert 'complementary (ours) bf16 step / sparse (ours) fp32 step' in ratios
+
+
+def test_fastconvmae_source_that_cannot_be_imported_is_reported(tmp_path):
+    (tmp_path / 'models_fastconvmae.py').write_text('import module_that_does_not_exist\n')
+    with pytest.raises(ImportError, match=r'cannot be imported .*ModuleNotFoundError.*module_that_does_not_exist'):
+        benchmark.import_official(str(tmp_path), 'models_fastconvmae', 'Alpha-VL/FastConvMAE')
+    with pytest.raises(ImportError, match=r'not a checkout of Alpha-VL/FastConvMAE \(no models_fastconvmae.py\)'):
+        benchmark.import_official(str(tmp_path / 'nowhere'), 'models_fastconvmae', 'Alpha-VL/FastConvMAE')
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['--fastconvmae-src', str(tmp_path / 'nowhere')])

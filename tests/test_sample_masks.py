@@ -121,8 +121,9 @@ def test_pretrainer_uses_the_batch_masks(dataset):
     assert own.shape == (4, 16) and ((~own).sum(1) == 4).all() and not torch.equal(own, expected)
 
     wrong = ConvMAEPretrainer(**dict(TINY, img_size=64), mask_ratio=0.5)
-    with pytest.raises(ValueError, match=r'exactly 8 of 16 tokens visible; got \[4, 4, 4, 4\]: the model has '
-                                         r'mask_ratio=0.5; the data pipeline \(RandomBlockMask\) must use the same'):
+    with pytest.raises(ValueError, match=r"exactly 8 of 16 tokens visible; got \[4, 4, 4, 4\]: the model has "
+                                         r"mask_ratio=0.5, masking='block'; the data pipeline \(RandomBlockMask\) "
+                                         r"must use the same"):
         wrong(data['inputs'], data['data_samples'], mode='loss')
     with pytest.raises(ValueError, match='some data samples'):
         batch_masks([data['data_samples'][0], dict()])

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_ARCH, random_pretrainer, rel_err
 
 from convmae_backbone.models import BlockMask, ConvMAEPretrainer
 from convmae_backbone.models.attention import Attention, RelativePositionBias, TransformerBlock
@@ -14,14 +15,8 @@ from convmae_backbone.models.masking import random_mask
 from convmae_backbone.models.sparse_conv import SparseDepthwiseConv, masked_depthwise_conv
 from convmae_backbone.models.reference import ExplicitAttention, with_explicit_attention
 from convmae_backbone.models.utils import GeluLinear, gelu_linear
-from helpers import TINY_ARCH
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures', 'official_convmae_small.pt')
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope='module')
@@ -57,16 +52,6 @@ def test_official_parity(official, sparse, norm_pix_loss):
     with torch.no_grad():
         latent = model.forward_encoder(imgs, BlockMask(mask, (14, 14)))
     assert rel_err(latent, official[f'latent_{tag}']) < 1e-6
-
-
-def random_pretrainer(sparse: bool, seed: int = 0) -> ConvMAEPretrainer:
-    """Small float64 pretrainer whose every parameter (LayerNorms and biases included) is random."""
-    torch.manual_seed(seed)
-    model = ConvMAEPretrainer(img_size=64, **TINY_ARCH, sparse=sparse).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if 'norm' in name else 0.1))
-    return model
 
 
 def test_sparse_equals_dense_non_square_grid():

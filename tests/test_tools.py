@@ -13,6 +13,7 @@ from PIL import Image
 from convmae_backbone.apis import cli, visualization
 from convmae_backbone.checkpoint import CheckpointError
 from convmae_backbone.apis.export import export_backbone
+from convmae_backbone.models.arch import model_arch
 
 
 def tiny_model(norm_pix: bool = True):
@@ -42,6 +43,39 @@ def test_perfect_prediction_reconstructs_the_image(norm_pix, monkeypatch):
     assert grey_blocks == pytest.approx(0.75, abs=0.05)  # 3 of the 4 tokens of a 32x32 image
     # same seed -> same mask; another seed -> (almost surely) another one for some image
     assert torch.equal(visualization.reconstruct(model, images, seed=3)[:, 1], masked)
+
+
+def test_visualiser_shows_the_complementary_views(tmp_path, monkeypatch):
+    """A complementary-masking model: original, then every view's masked input and reconstruction + visible; the
+    views' visible blocks tile the image; visualize() labels the 9 columns (13 with the untrained model's)."""
+    model = MODELS.build(dict(type='ConvMAEPretrainer', img_size=32, **TINY_ARCH, masking='complementary',
+                              data_preprocessor=dict(type='ImgDataPreprocessor', mean=[123.675, 116.28, 103.53],
+                                                     std=[58.395, 57.12, 57.375]))).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    real = model.forward_mae
+
+    def perfect(x, mask=None, generator=None):  # predicts the norm-pix target of every view exactly
+        loss, pred, mask = real(x, mask, generator)
+        return loss, model.reconstruction_target(x).repeat(4, 1, 1), mask
+
+    monkeypatch.setattr(model, 'forward_mae', perfect)
+    panels = visualization.reconstruct(model, images, seed=3)
+    assert panels.shape == (2, 9, 3, 32, 32)
+    assert torch.equal(panels[:, 0], images)
+    masked, pasted = panels[:, 1::2], panels[:, 2::2]
+    assert (pasted.int() - images[:, None].int()).abs().max() <= 1
+    visible = (masked != 127).any(dim=2)  # (B, V, H, W): pixels shown in each view
+    assert (visible.sum(dim=1) == 1).all()  # one view shows each 16x16 block of a 32x32 image
+    assert visualization.columns(4)[1:3] == ('view 1 masked', 'view 1 reconstruction + visible')
+    monkeypatch.undo()
+    ckpt = tmp_path / 'fast.pth'
+    torch.save({'state_dict': model.state_dict()}, ckpt)
+    img = tmp_path / 'img.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(img)
+    cfg = write_tiny_config(tmp_path / 'fast.py', tmp_path, extra="model.update(masking='complementary')\n")
+    width, _, caption = visualization.visualize(str(ckpt), [str(img)], str(tmp_path / 'v.png'), config=str(cfg),
+                                                compare_untrained=True)
+    assert width == (9 + 4) * 32 and '4 complementary views, 75% of each masked' in caption
 
 
 def test_visualiser_takes_config_from_flag_never_from_files_next_to_checkpoint(tmp_path):
@@ -180,11 +214,11 @@ def test_demo_reads_the_backbone_architecture_of_a_checkpoint(tmp_path, capsys):
     from convmae_backbone.testing import DEMO_CONFIG
     checkpoint_arch = load_tool('demo').checkpoint_arch
     from convmae_backbone.apis.export import encoder_state_dict
-    demo_model = Config.fromfile(DEMO_CONFIG).model
+    demo_model = model_arch(Config.fromfile(DEMO_CONFIG).model)  # arch='demo' resolved
     arch = {k: demo_model[k] for k in ('img_size', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios')}
     state = MODELS.build(dict(type='ConvMAEPretrainer', **arch, decoder_embed_dim=32, decoder_depth=1,
                               decoder_num_heads=1)).state_dict()
-    expected = dict(arch, in_channels=3, patch_sizes=(4, 2, 2))
+    expected = dict(arch, in_channels=3, patch_sizes=(4, 2, 2), conv_kernel_size=5)
     torch.save(encoder_state_dict(state), tmp_path / 'exported.pth')  # no config: the demo config's heads
     assert checkpoint_arch(str(tmp_path / 'exported.pth')) == expected and arch['num_heads'] == 4
     assert checkpoint_arch(str(tmp_path / 'exported.pth'), num_heads=8)['num_heads'] == 8

@@ -16,6 +16,14 @@ One run measures, side by side and per device (CPU; CUDA too when available):
    * ``sparse compiled`` (``--compile``): the sparse step under ``torch.compile``, with its graph count, graph
      breaks and recompilations;
 
+   and the Fast ConvMAE step (complementary masking: every image under 4 disjoint 25% views; batch ``--fast-batch``
+   images, default 2 on CPU = 8 views) for
+
+   * ``complementary``: ours, ``masking='complementary'``, sparse;
+   * ``sparse``: our block-wise step on the same images (one mask per image), for scale;
+   * ``official Fast ConvMAE code``: ``MaskedAutoencoderViT`` imported from a checkout of Alpha-VL/FastConvMAE given
+     with ``--fastconvmae-src`` (never part of this project);
+
 2. the backbone forward (inference, batch 1) of the detection config at 1024x1024 (window 16, global blocks,
    relative position bias) and of the segmentation config at 512x512, with fused and with explicit attention;
 3. the GEMM ceiling of the device (a large ``torch.mm``), to relate the achieved GFLOP/s;
@@ -40,6 +48,7 @@ Usage (what ``make benchmark`` runs):
     python tools/benchmark.py --official-src ../ConvMAE --compile --rounds 3 --json bench.json
     python tools/benchmark.py --device cuda --only pretrain   # 128 images per GPU
     python tools/benchmark.py --only data --rounds 5          # input pipeline, ours vs the official one
+    python tools/benchmark.py --only fastconvmae --fastconvmae-src ../FastConvMAE --rounds 3
 """
 import argparse
 import json
@@ -62,7 +71,8 @@ import torch  # noqa: E402
 
 from convmae_backbone.engine.amp import amp_optim_wrapper, supports_bf16  # noqa: E402
 from convmae_backbone.models import ConvMAE, ConvMAEPretrainer  # noqa: E402
-from convmae_backbone.models.masking import random_mask  # noqa: E402
+from convmae_backbone.models.arch import arch_settings  # noqa: E402
+from convmae_backbone.models.masking import complementary_masks, random_mask  # noqa: E402
 from convmae_backbone.models.reference import with_explicit_attention  # noqa: E402
 from convmae_backbone.resources import config_path  # noqa: E402
 from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER, write_photo_jpegs  # noqa: E402
@@ -77,13 +87,16 @@ PRETRAIN_CONFIG = config_path('pretrain/convmae-b_8xb128-1600e_in1k.py')
 DET_CONFIG = config_path('mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py')
 SEG_CONFIG = config_path('mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py')
 
-BASE = dict(embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12, mlp_ratios=(4, 4, 4))
+BASE = arch_settings('base')
 BASE_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 PRETRAIN_VARIANTS = ('sparse', 'dense', 'official-formulation', 'official-source', 'sparse-compiled')
+FAST_VARIANTS = ('complementary', 'sparse', 'fastconvmae-source')
 LABELS = {'sparse': 'sparse (ours)', 'dense': 'dense (ours)',
           'official-formulation': 'official formulation (our reimplementation)',
-          'official-source': 'official code (Alpha-VL/ConvMAE)', 'sparse-compiled': 'sparse (ours), torch.compile',
+          'official-source': 'official code (Alpha-VL/ConvMAE)',
+          'complementary': 'complementary masking (ours)',
+          'fastconvmae-source': 'official Fast ConvMAE code (Alpha-VL/FastConvMAE)', 'sparse-compiled': 'sparse (ours), torch.compile',
           'fused': 'fused attention (ours)', 'explicit': 'explicit softmax(QK^T)V',
           'fused-compiled': 'fused attention (ours), torch.compile',
           'data-ours': 'ours: DecodeRandomResizedCrop (simplejpeg) + flip + mask + uint8',
@@ -243,27 +256,29 @@ class CompileStats:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def import_official(src: str):
-    """The official ``models_convmae`` module from a checkout of Alpha-VL/ConvMAE at ``src``.
+def import_official(src: str, module: str = 'models_convmae', repo: str = 'Alpha-VL/ConvMAE'):
+    """The official model module ``module`` from a checkout of ``repo`` at ``src`` (``models_convmae`` of
+    Alpha-VL/ConvMAE, ``models_fastconvmae`` of Alpha-VL/FastConvMAE).
 
     The official code predates numpy 1.24 (``np.float``) and was written for timm 0.3.2; both are bridged for the
     import only where needed. Raises ``ImportError`` naming the cause when it cannot be imported."""
+    import importlib
+
     import numpy as np
     path = os.path.abspath(src)
-    if not os.path.isfile(os.path.join(path, 'models_convmae.py')):
-        raise ImportError(f'{path} is not a checkout of Alpha-VL/ConvMAE (no models_convmae.py)')
+    if not os.path.isfile(os.path.join(path, f'{module}.py')):
+        raise ImportError(f'{path} is not a checkout of {repo} (no {module}.py)')
     added_float = not hasattr(np, 'float')
     sys.path.insert(0, path)
     try:
         if added_float:
             np.float = float  # util/pos_embed.py uses the alias removed in numpy 1.24
-        import models_convmae
+        return importlib.import_module(module)
     except Exception as exc:  # noqa: BLE001 - any failure: report why the official code cannot run here
         raise ImportError(f'the official code at {path} cannot be imported with timm '
                           f'{_version("timm")} / numpy {np.__version__}: {type(exc).__name__}: {exc}') from exc
     finally:
         sys.path.remove(path)
-    return models_convmae
 
 
 def _version(name: str) -> str:
@@ -273,20 +288,25 @@ def _version(name: str) -> str:
         return 'not installed'
 
 
-def build_pretrain_model(variant: str, size: int, quick: bool, official_src: Optional[str] = None
+def build_pretrain_model(variant: str, size: int, quick: bool, official_src: Optional[str] = None,
+                         fastconvmae_src: Optional[str] = None, decoder_depth: Optional[int] = None
                          ) -> Tuple[torch.nn.Module, Callable]:
     """(model, forward) for a pretraining variant; forward(imgs, mask) -> loss."""
     arch, dec = (TINY_ENCODER, TINY_DECODER) if quick else (BASE, BASE_DECODER)
-    if variant == 'official-source':
-        official = import_official(official_src)
+    dec = dict(dec, decoder_depth=decoder_depth or dec['decoder_depth'])
+    if variant in ('official-source', 'fastconvmae-source'):
+        official = (import_official(official_src) if variant == 'official-source' else
+                    import_official(fastconvmae_src, 'models_fastconvmae', 'Alpha-VL/FastConvMAE'))
         from torch import nn
         p = (4, 2, 2)
-        model = official.MaskedAutoencoderConvViT(
+        cls = official.MaskedAutoencoderConvViT if variant == 'official-source' else official.MaskedAutoencoderViT
+        model = cls(
             img_size=[size, size // 4, size // 8], patch_size=list(p), in_chans=3, embed_dim=list(arch['embed_dims']),
             depth=list(arch['depths']), num_heads=arch['num_heads'], mlp_ratio=list(arch['mlp_ratios']),
             norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True, **dec)
-        return model, lambda imgs, mask: model(imgs, mask_ratio=0.75)[0]  # draws its own mask, same count
-    model = ConvMAEPretrainer(img_size=size, **arch, **dec, sparse=variant in ('sparse', 'sparse-compiled'))
+        return model, lambda imgs, mask: model(imgs, mask_ratio=0.75)[0]  # draws its own masks, same counts
+    model = ConvMAEPretrainer(img_size=size, **arch, **dec, sparse=variant not in ('dense', 'official-formulation'),
+                              masking='complementary' if variant == 'complementary' else 'block')
     if variant == 'official-formulation':
         with_explicit_attention(model)
     return model, lambda imgs, mask: model.forward_mae(imgs, mask, from_ratio=True)[0]
@@ -346,14 +366,16 @@ def worker_pretrain(cfg: dict) -> dict:
     """One pretraining variant: forward + backward + optimizer step through the Runner's optim wrapper."""
     device, size, batch, variant = cfg['device'], cfg['img_size'], cfg['batch'], cfg['variant']
     torch.manual_seed(0)
-    model, forward = build_pretrain_model(variant, size, cfg['quick'], cfg.get('official_src'))
+    model, forward = build_pretrain_model(variant, size, cfg['quick'], cfg.get('official_src'),
+                                          cfg.get('fastconvmae_src'), cfg.get('decoder_depth'))
     model = model.to(device).train()
     wrapper = build_optim_wrapper(model, cfg['dtype'], device)
     trainable_mb = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) / 2 ** 20
     held_cpu = _current_rss_mb() + 2 * trainable_mb  # weights + two AdamW moments, before the first step
     gen = torch.Generator().manual_seed(0)
     imgs = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    masks = [random_mask(batch, (size // 16) ** 2, 0.75, generator=gen).to(device) for _ in range(4)]
+    draw = complementary_masks if variant == 'complementary' else random_mask  # (B, 4, L) or (B, L)
+    masks = [draw(batch, (size // 16) ** 2, 0.75, generator=gen).to(device) for _ in range(4)]
     steps = [0]  # a new mask every step (same shape), as in training
     compiled = variant.endswith('compiled')
     if compiled:
@@ -480,7 +502,8 @@ def _one_thread(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-WORKERS = dict(gemm=worker_gemm, pretrain=worker_pretrain, backbone=worker_backbone, data=worker_data)
+WORKERS = dict(gemm=worker_gemm, pretrain=worker_pretrain, fast=worker_pretrain, backbone=worker_backbone,
+               data=worker_data)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -643,6 +666,32 @@ def format_cross_ratios(entries: List[dict], reference: str, device: str) -> str
     return '\n'.join(lines)
 
 
+def format_fast_ratios(entries: List[dict], reference: str, device: str) -> str:
+    """The Fast ConvMAE targets of this run: our complementary step (fp32, bf16) against the reference's fp32 step
+    (time and per-step memory), and against our block-wise step on the same images."""
+    by_dtype = {e['dtype']: e.get('fastconvmae', {}) for e in entries}
+    fp32, bf16 = by_dtype.get('fp32', {}), by_dtype.get('bf16', {})
+    ref = LABELS[reference]
+    lines = [f'**Fast ConvMAE ratios of this run ({device}, best times)**', '', '| comparison | ratio |', '|---|---|']
+    seen = set()
+    for label, num, den, key in (
+            (f'complementary (ours) fp32 step / {ref} fp32 step', fp32.get('complementary'), fp32.get(reference),
+             'best_s'),
+            (f'complementary (ours) bf16 step / {ref} fp32 step', bf16.get('complementary'), fp32.get(reference),
+             'best_s'),
+            (f'complementary (ours) fp32 per-step memory / {ref} fp32 per-step memory', fp32.get('complementary'),
+             fp32.get(reference), 'step_mb'),
+            (f'complementary (ours) fp32 saved for backward / {ref} fp32', fp32.get('complementary'),
+             fp32.get(reference), 'saved_mb'),
+            ('complementary (ours) fp32 step / sparse (ours, block-wise) fp32 step, same images',
+             fp32.get('complementary'), fp32.get('sparse'), 'best_s')):
+        pair = (id(num), id(den), key)
+        if num and den and num.get(key) and den.get(key) and pair not in seen:
+            seen.add(pair)
+            lines.append(f'| {label} | {num[key] / den[key]:.2f} |')
+    return '\n'.join(lines)
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
@@ -656,8 +705,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument('--batch', type=int, help='pretraining batch per device (default 8 on CPU, 128 on CUDA)')
     parser.add_argument('--backbone-batch', type=int, default=1, help='backbone forward batch size')
     parser.add_argument('--quick', action='store_true', help='tiny model and sizes: a smoke run')
-    parser.add_argument('--only', choices=['pretrain', 'backbone', 'data'],
-                        help='run one comparison (pretrain, backbone: and the GEMM ceiling)')
+    parser.add_argument('--only', choices=['pretrain', 'fastconvmae', 'backbone', 'data'],
+                        help='run one comparison (pretrain, fastconvmae, backbone: and the GEMM ceiling)')
+    parser.add_argument('--fast-batch', type=int,
+                        help='Fast ConvMAE step: images per device, 4 views each (default 2 on CPU, 64 on CUDA)')
+    parser.add_argument('--fastconvmae-src', metavar='PATH',
+                        help='a checkout of Alpha-VL/FastConvMAE: also time its MaskedAutoencoderViT')
     parser.add_argument('--data-images', type=int, help='JPEGs in the data benchmark folder (default 256)')
     parser.add_argument('--data-workers', type=int, default=os.cpu_count(),
                         help='DataLoader worker processes of the N-worker data row (0: no such row)')
@@ -674,6 +727,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error('--warmup, --iters and --rounds must be at least 1')
     if args.official_src and not os.path.isfile(os.path.join(args.official_src, 'models_convmae.py')):
         parser.error(f'--official-src {args.official_src}: not a checkout of Alpha-VL/ConvMAE (no models_convmae.py)')
+    if args.fastconvmae_src and not os.path.isfile(os.path.join(args.fastconvmae_src, 'models_fastconvmae.py')):
+        parser.error(f'--fastconvmae-src {args.fastconvmae_src}: not a checkout of Alpha-VL/FastConvMAE '
+                     '(no models_fastconvmae.py)')
     return args
 
 
@@ -698,17 +754,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
         common = dict(quick=args.quick, warmup=args.warmup, iters=args.iters, device=device,
                       batch=2 if args.quick else batch,
                       # the official code is hard-wired to 224x224 (a 14x14 token grid)
-                      img_size=64 if args.quick and not args.official_src else 224,
+                      img_size=64 if args.quick and not (args.official_src or args.fastconvmae_src) else 224,
                       backbone_batch=args.backbone_batch, official_src=args.official_src,
+                      fastconvmae_src=args.fastconvmae_src,
+                      fast_batch=2 if args.quick else (args.fast_batch or (64 if device == 'cuda' else 2)),
                       gemm_n=512 if args.quick else 4096, gemm_iters=3 if args.quick else 10)
         report['config'] = common
         pre = ['sparse', 'dense', 'official-formulation']
         pre += ['official-source'] if args.official_src else []
         pre += ['sparse-compiled'] if args.compile else []
         bb = ['fused', 'explicit'] + (['fused-compiled'] if args.compile else [])
+        fast = ['complementary', 'sparse'] + (['fastconvmae-source'] if args.fastconvmae_src else [])
         jobs = [('gemm', None, None)]
         if args.only in (None, 'pretrain'):
             jobs += [('pretrain', v, None) for v in pre]
+        if args.only in (None, 'fastconvmae'):
+            jobs += [('fast', v, None) for v in fast]
         if args.only in (None, 'backbone'):
             jobs += [('backbone', v, task) for task in ('det', 'seg') for v in bb]
         runs: Dict[tuple, list] = {(dtype, *job): [] for dtype in dtypes for job in jobs}
@@ -717,7 +778,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 for kind, variant, task in jobs:
                     runs[(dtype, kind, variant, task)].append(run_worker(dict(
                         common, dtype=dtype, kind=kind, variant=variant, task=task,
-                        profile=args.profile and kind == 'pretrain')))
+                        # the official Fast ConvMAE class always builds 8 decoder blocks (the tiny decoder has 1)
+                        **(dict(batch=common['fast_batch'], decoder_depth=8) if kind == 'fast' else {}),
+                        profile=args.profile and kind in ('pretrain', 'fast'))))
         entries = []
         for dtype in dtypes:
             cfg = dict(common, dtype=dtype)
@@ -730,15 +793,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
             text += [f'### {device} {dtype}: {entry["machine"]}', '',
                      f"GEMM ceiling ({gemm['n']}^3 {dtype} torch.mm, best of {args.rounds} x {cfg['gemm_iters']}): "
                      f"**{ceiling:.1f} GFLOP/s**", '']
-            if args.only in (None, 'pretrain'):
-                rows = [(v, summarise(runs[(dtype, 'pretrain', v, None)], cfg['batch'], ceiling)) for v in pre]
-                entry['pretrain'] = dict(rows)
+            size = f"ConvMAE-{arch} {cfg['img_size']}x{cfg['img_size']}"
+            steps = [('pretrain', 'pretrain', pre, cfg['batch'], f"Pretraining step, {size}, batch {cfg['batch']}",
+                      'official-source' if args.official_src else 'official-formulation'),
+                     ('fastconvmae', 'fast', fast, cfg['fast_batch'],
+                      f"Fast ConvMAE step, {size}, batch {cfg['fast_batch']} images (complementary: 4 views each; "
+                      f"sparse: block-wise, one mask each)", 'fastconvmae-source' if args.fastconvmae_src else 'sparse')]
+            for name, kind, variants, batch, title, ref in steps:
+                if args.only not in (None, name):
+                    continue
+                rows = [(v, summarise(runs[(dtype, kind, v, None)], batch, ceiling)) for v in variants]
+                entry[name] = dict(rows)
                 wrapper = next((r.get('wrapper') for _, r in rows if 'wrapper' in r), '?')
-                ref = 'official-source' if args.official_src else 'official-formulation'
-                text += [format_section(
-                    f"Pretraining step, ConvMAE-{arch} {cfg['img_size']}x{cfg['img_size']}, batch {cfg['batch']}, "
-                    f"mask 0.75, fwd+bwd+optimizer through {wrapper} ({args.rounds} x {args.iters} timed iterations)",
-                    mem, rows, ref), '']
+                text += [format_section(f"{title}, mask 0.75, fwd+bwd+optimizer through {wrapper} ({args.rounds} x "
+                                        f"{args.iters} timed iterations)", mem, rows, ref), '']
                 if args.profile:
                     text += [format_breakdown(rows, 'CPU' if device == 'cpu' else 'CUDA'), '']
             if args.only in (None, 'backbone'):
@@ -754,6 +822,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if args.only in (None, 'pretrain'):
             ref = 'official-source' if args.official_src else 'official-formulation'
             text += [format_cross_ratios(entries, ref, device), '']
+        if args.only in (None, 'fastconvmae'):
+            ref = 'fastconvmae-source' if args.fastconvmae_src else 'sparse'
+            text += [format_fast_ratios(entries, ref, device), '']
         report['results'] += entries
     print('\n'.join(text))
     if args.json:

@@ -41,7 +41,7 @@ from convmae_backbone.apis.visualization import stored_config, titled_row, visua
 from convmae_backbone.checkpoint import safe_torch_load  # noqa: E402
 from convmae_backbone.engine.hooks import last_checkpoint  # noqa: E402
 from convmae_backbone.engine.knn import plot_knn_curve, read_knn_curve  # noqa: E402
-from convmae_backbone.models.arch import check_arch, infer_arch  # noqa: E402
+from convmae_backbone.models.arch import check_arch, infer_arch, model_arch  # noqa: E402
 from convmae_backbone.models.weights import extract_state_dict  # noqa: E402
 from convmae_backbone.resources import config_path, model_configs  # noqa: E402
 from convmae_backbone.testing import (DEMO_CONFIG, DEMO_PHOTOS, child_env, read_val_metrics,  # noqa: E402
@@ -61,7 +61,7 @@ def checkpoint_arch(path: str, num_heads: Optional[int] = None) -> dict:
     state = extract_state_dict(ckpt)
     if num_heads is None:
         stored = stored_config(ckpt, path)
-        num_heads = stored.model.get('num_heads') if stored is not None else None
+        num_heads = model_arch(stored.model)['num_heads'] if stored is not None else None
     if num_heads is None:
         num_heads = _heads_from_pretrain_configs(infer_arch(state))
     if num_heads is None:
@@ -75,7 +75,7 @@ def _heads_from_pretrain_configs(arch: dict) -> Optional[int]:
         if not rel.startswith('configs/pretrain/'):
             continue
         path = config_path(name)
-        model = Config.fromfile(path).model
+        model = model_arch(Config.fromfile(path).model)
         try:
             check_arch(model, arch, path)
         except ValueError:
@@ -317,9 +317,9 @@ def pretrain_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, v
     cfg = quiet_config(cli.load_config(DEMO_CONFIG, options, work_dir=work, scopes=cli.PRETRAIN_SCOPES),
                        'pretraining', verbose)
     cli.check_schedule(cfg)
-    model = cfg.model
-    say(f'pretraining ConvMAE ({model.img_size} px, embed_dims {tuple(model.embed_dims)}, depths '
-        f'{tuple(model.depths)}) for {cfg.train_cfg.max_epochs} epochs with mmengine\'s Runner')
+    model = model_arch(cfg.model)
+    say(f'pretraining ConvMAE ({model["img_size"]} px, embed_dims {tuple(model["embed_dims"])}, depths '
+        f'{tuple(model["depths"])}) for {cfg.train_cfg.max_epochs} epochs with mmengine\'s Runner')
     start = time.time()
     runner = cli.build_runner(cfg)
     runner.train()

@@ -4,10 +4,13 @@
         [--config CFG] [--img-size N] [--seed S] [--mask-ratio R] [--scale K] [--compare-untrained]
 
 Labelled columns, one row per image: original | masked input | reconstruction | reconstruction with the visible
-blocks pasted back [| the same for the untrained model]; the caption gives the reconstruction error. Each image
+blocks pasted back [| the same for the untrained model]; a complementary-masking (Fast ConvMAE) model shows the
+original, then every view's masked input and reconstruction with its visible blocks pasted back (1 + 2V columns);
+the caption gives the reconstruction error. Each image
 is resized (shorter side) and centre-cropped to N x N (default: the model's img_size). The model is built from
 ``--config``, else from the config stored in the checkpoint (mmengine writes it to ``meta.cfg``); anything but a
-ConvMAE pretraining checkpoint is refused, saying what it holds. The PNG is 4 * N * K pixels wide.
+ConvMAE pretraining checkpoint is refused, saying what it holds. The PNG is 4 * N * K pixels wide (Fast ConvMAE:
+(1 + 2V) * N * K).
 """
 import argparse
 import os.path as osp

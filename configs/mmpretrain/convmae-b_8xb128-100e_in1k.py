@@ -65,10 +65,7 @@ model = dict(
     backbone=dict(
         type='ConvMAE',
         img_size=224,
-        embed_dims=(256, 384, 768),
-        depths=(2, 2, 11),
-        num_heads=12,
-        mlp_ratios=(4, 4, 4),
+        arch='base',  # ConvMAE-Base (convmae_backbone/models/arch.py)
         drop_path_rate=0.1,
         out_type='avg_featmap',
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),

@@ -23,7 +23,7 @@ custom_imports = dict(imports=['convmae_backbone'], allow_failed_imports=False)
 
 pretrained = 'checkpoints/convmae-b_8xb128-1600e_in1k.pth'  # ConvMAE-Base pretraining (official download or ours)
 crop_size = (512, 512)
-num_layers = 11  # stage-3 blocks: the layers of the layer-wise lr decay
+num_layers = 11  # stage-3 blocks of arch='base': the layers of the layer-wise lr decay
 
 model = dict(
     data_preprocessor=dict(size=crop_size),
@@ -32,10 +32,7 @@ model = dict(
         _delete_=True,
         type='ConvMAE',
         img_size=512,  # the 32x32 grid of the position embedding and the relative position tables
-        embed_dims=(256, 384, 768),
-        depths=(2, 2, num_layers),
-        num_heads=12,
-        mlp_ratios=(4, 4, 4),
+        arch='base',  # ConvMAE-Base (convmae_backbone/models/arch.py)
         drop_path_rate=0.2,
         rel_pos_bias='per_block',
         layer_scale_init_value=1.0,

@@ -10,10 +10,7 @@ img_size = 128
 
 model = dict(
     img_size=img_size,
-    embed_dims=(32, 64, 128),
-    depths=(1, 1, 3),
-    num_heads=4,
-    mlp_ratios=(4, 4, 4),
+    arch='demo',  # dims 32/64/128, depths 1/1/3, 4 heads (convmae_backbone/models/arch.py)
     decoder_embed_dim=96,
     decoder_depth=2,
     decoder_num_heads=4)

@@ -1,7 +1,8 @@
 """What a ConvMAE pretraining checkpoint reconstructs (``tools/visualize_reconstruction.py``).
 
 One row per image: original | masked input | reconstruction | reconstruction with the visible blocks pasted
-back. With a norm-pix model the predicted patches are un-normalised with each target patch's own mean and
+back; for a complementary-masking (Fast ConvMAE) model: original, then per view its masked input and its
+reconstruction with the view's visible blocks pasted back. With a norm-pix model the predicted patches are un-normalised with each target patch's own mean and
 variance, as in MAE.
 """
 from typing import Optional, Sequence, Tuple
@@ -132,22 +133,37 @@ def load_square(path: str, size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """images uint8 (B, 3, H, W) -> uint8 panels (B, 4, 3, H, W): original, masked, reconstruction, pasted.
-    The random mask is drawn from ``seed``."""
+    """images uint8 (B, 3, H, W) -> uint8 panels (B, 4, 3, H, W): original, masked, reconstruction, pasted; for V
+    complementary views (B, 1 + 2V, 3, H, W): original, then masked and pasted of every view (:func:`columns`).
+    The random masks are drawn from ``seed``."""
     pre = model.data_preprocessor
     x = pre(dict(inputs=list(images)), False)['inputs']  # normalised float (B, 3, H, W)
     generator = torch.Generator().manual_seed(seed)
-    _, pred, mask = model.forward_mae(x, generator=generator)  # pred (B, L, p*p*3), mask (B, L) True=masked
+    _, pred, mask = model.forward_mae(x, generator=generator)  # pred (V*B, L, p*p*3), mask (V*B, L) True=masked
+    views = pred.shape[0] // x.shape[0]  # view-major: row k*B + b is view k of image b
+    x = x.repeat(views, 1, 1, 1)
     p = model.patch_size
     hw = (x.shape[2] // p, x.shape[3] // p)
     recon = unpatchify(model.predicted_pixels(pred, x), hw, p, channels=x.shape[1])
-    pixel_mask = upsample_mask(mask.to(x.dtype), hw, p)  # (B, 1, H, W), 1 = masked
+    pixel_mask = upsample_mask(mask.to(x.dtype), hw, p)  # (V*B, 1, H, W), 1 = masked
 
-    original = images.to(torch.uint8)
+    original = images.to(torch.uint8).repeat(views, 1, 1, 1)
     masked = (original.float() * (1 - pixel_mask) + 127 * pixel_mask).to(torch.uint8)
     recon8 = (recon * pre.std + pre.mean).round().clamp(0, 255).to(torch.uint8)
     pasted = (recon8.float() * pixel_mask + original.float() * (1 - pixel_mask)).to(torch.uint8)
-    return torch.stack([original, masked, recon8, pasted], dim=1)
+    if views == 1:
+        return torch.stack([original, masked, recon8, pasted], dim=1)
+    b = images.shape[0]
+    per_view = [t for k in range(views) for t in (masked[k * b:(k + 1) * b], pasted[k * b:(k + 1) * b])]
+    return torch.stack([original[:b], *per_view], dim=1)
+
+
+def columns(views: int = 1) -> Tuple[str, ...]:
+    """Column labels of :func:`reconstruct`'s panels for a model with ``views`` masks per image."""
+    if views == 1:
+        return COLUMNS
+    return ('original', *[label for k in range(1, views + 1) for label in (f'view {k} masked',
+                                                                           f'view {k} reconstruction + visible')])
 
 
 @torch.no_grad()
@@ -247,7 +263,8 @@ def visualize(ckpt_path: str, images: Sequence[str], out: str, config: Optional[
     if size % model.patch_size:
         raise ValueError(f'img_size must be a multiple of {model.patch_size}, got {size}')
     batch = torch.stack([load_square(p, size) for p in images])
-    panels, labels = reconstruct(model, batch, seed), COLUMNS
+    views = getattr(model, 'num_views', 1)
+    panels, labels = reconstruct(model, batch, seed), columns(views)
     grid = size // model.patch_size
     loss_name = f'{"norm-pix " if model.norm_pix_loss else ""}{model.loss_type.upper()}'
     error = reconstruction_error(model, batch, seed)
@@ -256,9 +273,13 @@ def visualize(ckpt_path: str, images: Sequence[str], out: str, config: Optional[
         torch.manual_seed(0)
         untrained = build_model(ckpt_path, config, mask_ratio, weights=False)
         caption += f', untrained (random init, same masks) {reconstruction_error(untrained, batch, seed):.3f}'
-        panels = torch.cat([panels, reconstruct(untrained, batch, seed)[:, 3:]], dim=1)
-        labels = COLUMNS + (UNTRAINED_COLUMN,)
-    caption += (f'. {size}x{size} px inputs, {grid}x{grid} patches of {model.patch_size} px, '
-                f'{model.mask_ratio:.0%} masked (grey).')
+        pasted = slice(3, None) if views == 1 else slice(2, None, 2)  # reconstruction + visible column(s)
+        panels = torch.cat([panels, reconstruct(untrained, batch, seed)[:, pasted]], dim=1)
+        labels = labels + ((UNTRAINED_COLUMN,) if views == 1 else
+                           tuple(f'untrained view {k} + visible' for k in range(1, views + 1)))
+    masked = (f'{model.mask_ratio:.0%} masked (grey)' if views == 1 else
+              f'{views} complementary views, {model.mask_ratio:.0%} of each masked (grey)')
+    caption += f'. {size}x{size} px inputs, {grid}x{grid} patches of {model.patch_size} px, {masked}.'
+
     width, height = save_grid(panels, out, scale, labels, [caption])
     return width, height, caption

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from ..models.masking import num_visible_tokens, random_mask
+from ..models.masking import complementary_masks, num_views, num_visible_tokens, random_mask
 from ..registry import register
 from .decode import DECODERS, EncodedImage, reduced_size
 from .image_folder import to_rgb8
@@ -234,33 +234,44 @@ class PackMAEInputs(BaseTransform):
 @register('TRANSFORMS')
 class RandomBlockMask(BaseTransform):
     """Draw ``results['mask']``: (L,) bool, True = masked, over the (input / patch) token grid, with exactly
-    :func:`~convmae_backbone.models.masking.num_visible_tokens` visible tokens (``int(L * (1 - mask_ratio))``).
+    :func:`~convmae_backbone.models.masking.num_visible_tokens` visible tokens (``int(L * (1 - mask_ratio))``);
+    with ``masking='complementary'`` (Fast ConvMAE) V = 1 / (1 - mask_ratio) such masks, (V, L), whose visible
+    tokens are disjoint (:func:`~convmae_backbone.models.masking.complementary_masks`).
 
     ``results['img']`` is a PIL image or a numpy array (H, W[, C]) (mmcv's ``LoadImageFromFile``); its size must
     be ``input_size``. Uses torch's global RNG, which :class:`~.samplers.SeededSampler` seeds per sample. Place it
-    after the crop, before ``PackMAEInputs``. ``input_size`` and ``mask_ratio`` must match the model's
-    ``img_size`` and ``mask_ratio`` (the model checks the number of visible tokens).
+    after the crop, before ``PackMAEInputs``. ``input_size``, ``mask_ratio`` and ``masking`` must match the
+    model's ``img_size``, ``mask_ratio`` and ``masking`` (the model checks the masks' shape and visible tokens).
     """
 
-    def __init__(self, input_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, mask_ratio: float = 0.75):
+    MASKINGS = ('block', 'complementary')
+
+    def __init__(self, input_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, mask_ratio: float = 0.75,
+                 masking: str = 'block'):
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if len(size) != 2 or size[0] % patch_size or size[1] % patch_size or min(size) <= 0:
             raise ValueError(f'input_size {input_size} must be positive multiples of patch_size {patch_size}')
+        if masking not in self.MASKINGS:
+            raise ValueError(f'masking must be one of {self.MASKINGS}, got {masking!r}')
+        if masking == 'complementary':
+            num_views(mask_ratio)  # raises unless 1 / (1 - mask_ratio) is a whole number
         self.grid: Tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
         num_visible_tokens(self.grid[0] * self.grid[1], mask_ratio)  # refuses a ratio outside (0, 1) here
         self.input_size, self.patch_size, self.mask_ratio = size, patch_size, mask_ratio
+        self.masking = masking
 
     def transform(self, results: dict) -> dict:
         img = results.get('img')
         if img is not None and image_hw(img) != self.input_size:
             raise ValueError(f'RandomBlockMask expects {self.input_size} images (put it after the crop), got '
                              f'{image_hw(img)}')
-        results['mask'] = random_mask(1, self.grid[0] * self.grid[1], self.mask_ratio)[0]
+        draw = complementary_masks if self.masking == 'complementary' else random_mask
+        results['mask'] = draw(1, self.grid[0] * self.grid[1], self.mask_ratio)[0]
         return results
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(input_size={self.input_size}, patch_size={self.patch_size}, '
-                f'mask_ratio={self.mask_ratio})')
+                f'mask_ratio={self.mask_ratio}, masking={self.masking!r})')
 
 
 def image_hw(img: Union[Image.Image, np.ndarray]) -> Tuple[int, int]:

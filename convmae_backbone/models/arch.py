@@ -13,9 +13,65 @@ from torch import Tensor
 
 #: The :class:`ConvViT` keyword arguments that weight shapes fix, compared by :func:`check_arch`. ``img_size``
 #: is not among them (``pos_embed`` is resized to the model's grid on loading), nor ``num_heads``.
-SHAPE_FIELDS = ('in_channels', 'patch_sizes', 'embed_dims', 'depths', 'mlp_ratios')
+SHAPE_FIELDS = ('in_channels', 'patch_sizes', 'embed_dims', 'depths', 'mlp_ratios', 'conv_kernel_size')
+
+#: The :class:`ConvViT` keyword arguments a named size (``arch``) sets.
+ARCH_FIELDS = ('patch_sizes', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios')
+
+#: Named sizes of ``arch`` (ConvViT, the ``ConvMAE`` backbone and ``ConvMAEPretrainer``).
+#: ``'base'`` (``'b'``): ConvMAE-Base, the official ``convmae_convvit_base_patch16`` (Alpha-VL/ConvMAE
+#: models_convmae.py) and ``fastconvmae_convvit_base_patch16`` (Alpha-VL/FastConvMAE models_fastconvmae.py).
+#: ``'demo'``: the small model of configs/pretrain/convmae-tiny_demo.py (tools/demo.py).
+#: The ConvMAE-v2 Small/Base/Large/Huge checkpoints (README of Alpha-VL/ConvMAE) are not named: neither the
+#: repository nor its issues state their sizes in text, and Alpha-VL/ConvMAE#32 reports that the checkpoints'
+#: MLP ratios (Large, Huge) and patch size (Huge) differ from the v2 paper; ``arch='auto'`` of the backbone reads
+#: them from the checkpoint's shapes.
+ARCH_SETTINGS: Dict[str, Dict[str, object]] = {
+    'base': dict(patch_sizes=(4, 2, 2), embed_dims=(256, 384, 768), depths=(2, 2, 11), num_heads=12,
+                 mlp_ratios=(4, 4, 4)),
+    'demo': dict(patch_sizes=(4, 2, 2), embed_dims=(32, 64, 128), depths=(1, 1, 3), num_heads=4,
+                 mlp_ratios=(4, 4, 4)),
+}
+ARCH_ALIASES = {'b': 'base'}
 
 HEAD_DIM = 64
+
+
+def arch_settings(arch: Union[None, str, Mapping[str, object]]) -> Dict[str, object]:
+    """The :data:`ARCH_FIELDS` of ``arch``: a name of :data:`ARCH_SETTINGS` (or an alias), a dict with at least
+    ``embed_dims``, ``depths`` and ``num_heads`` (``patch_sizes`` and ``mlp_ratios`` default to Base's), or None
+    (ConvMAE-Base)."""
+    base = ARCH_SETTINGS['base']
+    if arch is None:
+        return dict(base)
+    if isinstance(arch, str):
+        name = ARCH_ALIASES.get(arch.lower(), arch.lower())
+        if name not in ARCH_SETTINGS:
+            raise ValueError(f'unknown arch {arch!r}; the named sizes are '
+                             f'{sorted([*ARCH_SETTINGS, *ARCH_ALIASES])} (or a dict of {list(ARCH_FIELDS)})')
+        return dict(ARCH_SETTINGS[name])
+    if isinstance(arch, Mapping):
+        unknown = sorted(set(arch) - set(ARCH_FIELDS))
+        missing = [k for k in ('embed_dims', 'depths', 'num_heads') if k not in arch]
+        if unknown or missing:
+            raise ValueError(f'an arch dict takes {list(ARCH_FIELDS)} and needs embed_dims, depths and num_heads; '
+                             f'got unknown {unknown}, missing {missing}')
+        return {**base, **arch}
+    raise TypeError(f'arch must be a name, a dict or None, got {type(arch).__name__}')
+
+
+def resolve_arch(arch: Union[None, str, Mapping[str, object]], given: Mapping[str, object]) -> Dict[str, object]:
+    """The :data:`ARCH_FIELDS` of a model: ``given`` values (None = not given) override those of ``arch``
+    (:func:`arch_settings`), as a config that inherits ``arch`` and sets a field replaces that field."""
+    fields = arch_settings(arch)
+    fields.update({k: v for k, v in given.items() if k in ARCH_FIELDS and v is not None})
+    return fields
+
+
+def model_arch(model_cfg: Mapping[str, object]) -> Dict[str, object]:
+    """The keyword arguments of a model config (dict or mmengine ``ConfigDict``) with its :data:`ARCH_FIELDS`
+    resolved as the model resolves them (``arch`` and explicit fields): what was built, named or not."""
+    return {**model_cfg, **resolve_arch(model_cfg.get('arch'), model_cfg)}
 
 
 def _ratio(hidden: int, dim: int) -> Union[int, float]:
@@ -25,7 +81,7 @@ def _ratio(hidden: int, dim: int) -> Union[int, float]:
 
 def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
     """ConvMAE keyword arguments (``img_size``, ``in_channels``, ``patch_sizes``, ``embed_dims``, ``depths``,
-    ``num_heads``, ``mlp_ratios``) of the encoder weights in ``state_dict`` (encoder names, no wrapper prefix:
+    ``num_heads``, ``mlp_ratios``, ``conv_kernel_size``) of the encoder weights in ``state_dict`` (encoder names, no wrapper prefix:
     see :func:`.weights.extract_state_dict`). Per-stage values are 3-tuples; ``img_size`` is an int (the
     square ``pos_embed`` grid times the product of the patch sizes). Raises ``ValueError`` naming a missing
     key or an impossible shape."""
@@ -51,9 +107,10 @@ def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None
         num_heads = embed_dims[2] // int(rel_pos.shape[1] if rel_pos is not None else HEAD_DIM)
     if num_heads < 1 or embed_dims[2] % num_heads:
         raise ValueError(f'num_heads must divide the stage-3 width {embed_dims[2]}, got {num_heads}')
+    kernels = [state_dict[k] for k in ('blocks1.0.attn.weight', 'blocks2.0.attn.weight') if k in state_dict]
     return dict(img_size=side * math.prod(patch_sizes), in_channels=int(projections[0].shape[1]),
                 patch_sizes=patch_sizes, embed_dims=embed_dims, depths=depths, num_heads=int(num_heads),
-                mlp_ratios=mlp_ratios)
+                mlp_ratios=mlp_ratios, conv_kernel_size=int(kernels[0].shape[-1]) if kernels else 5)
 
 
 def _per_stage(value) -> Tuple:
@@ -62,7 +119,7 @@ def _per_stage(value) -> Tuple:
 
 def _normalised(field: str, value, embed_dims: Sequence[int]):
     """Comparable form of a config ``value``: per-stage fields as 3-tuples, MLP ratios as hidden widths."""
-    if field == 'in_channels':
+    if field in ('in_channels', 'conv_kernel_size'):
         return int(value)
     value = _per_stage(value)
     if field == 'mlp_ratios':

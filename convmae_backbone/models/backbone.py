@@ -1,5 +1,5 @@
 """``ConvMAE``: the ConvMAE encoder as an mmdet/mmseg backbone."""
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,18 +33,21 @@ class ConvMAE(ConvViT):
         out_type: ``'featmaps'`` returns the maps above; ``'avg_featmap'`` (image classification, the official
             fine-tuning and linear-probing head input) returns a 1-tuple ``(B, C3)``: the stage-3 tokens
             averaged, then ``fc_norm`` (LayerNorm, eps 1e-6); ``out_indices`` is then not used.
-        arch: ``'auto'`` reads ``in_channels``, ``patch_sizes``, ``embed_dims``, ``depths``, ``mlp_ratios`` (and
-            ``img_size`` unless given) from the shapes of ``init_cfg``'s checkpoint, e.g. the official v2
-            Small/Base/Large/Huge ones; ``num_heads`` is taken as given, else 64-channel heads. Any of those fields
-            also given explicitly must agree with the checkpoint: one ``ValueError`` lists every difference.
+        arch: a named size or dict (see :class:`ConvViT`), or ``'auto'``: reads ``in_channels``, ``patch_sizes``,
+            ``embed_dims``, ``depths``, ``mlp_ratios``, ``conv_kernel_size`` (and ``img_size`` unless given) from
+            the shapes of ``init_cfg``'s checkpoint, e.g. the official v2 Small/Base/Large/Huge ones; ``num_heads``
+            is taken as given, else 64-channel heads. Any of those fields also given explicitly must agree with the
+            checkpoint: one ``ValueError`` lists every difference.
     """
 
     def __init__(self, *args, out_indices: Sequence[int] = (0, 1, 2), frozen_stages: int = -1,
                  h32: str = 'maxpool', fpn_norm_cfg: Optional[dict] = None, out_type: str = 'featmaps',
-                 arch: Optional[str] = None, **kwargs):
+                 arch: Union[None, str, dict] = None, **kwargs):
         state = None
-        if arch is not None:
-            kwargs, state = self._arch_from_checkpoint(arch, kwargs)
+        if arch == 'auto':
+            kwargs, state = self._arch_from_checkpoint(kwargs)
+        elif arch is not None:
+            kwargs['arch'] = arch
         super().__init__(*args, **kwargs)
         self._preloaded_state = state  # init_weights loads these weights without reading the file again
         if out_type not in ('featmaps', 'avg_featmap'):
@@ -76,13 +79,13 @@ class ConvMAE(ConvViT):
         self._freeze_stages()
 
     @staticmethod
-    def _arch_from_checkpoint(arch: str, kwargs: dict) -> Tuple[dict, Dict[str, Tensor]]:
+    def _arch_from_checkpoint(kwargs: dict) -> Tuple[dict, Dict[str, Tensor]]:
         """``kwargs`` completed with the architecture of ``init_cfg``'s checkpoint (``arch='auto'``), and the
         encoder weights read from it."""
         pretrained, _ = split_init_cfg(kwargs.get('init_cfg'))
-        if arch != 'auto' or len(pretrained) != 1:
-            raise ValueError(f"arch must be None or 'auto' (with one init_cfg entry dict(type='Pretrained', "
-                             f"checkpoint=...)), got arch={arch!r}, init_cfg={kwargs.get('init_cfg')!r}")
+        if len(pretrained) != 1:
+            raise ValueError(f"arch='auto' reads the architecture from one init_cfg entry dict(type='Pretrained', "
+                             f"checkpoint=...), got init_cfg={kwargs.get('init_cfg')!r}")
         state = pretrained_state(pretrained[0])
         inferred = infer_arch(state, kwargs.get('num_heads'))
         check_arch(kwargs, inferred, pretrained[0]['checkpoint'])

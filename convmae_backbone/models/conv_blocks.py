@@ -43,7 +43,8 @@ class PointwiseMlp(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """ConvMAE stage-1/2 block: pre-norm, 1x1 conv, 5x5 depthwise conv (in place of attention), 1x1 conv, conv MLP.
+    """ConvMAE stage-1/2 block: pre-norm, 1x1 conv, k x k depthwise conv (in place of attention; 5x5 officially,
+    ``kernel_size``), 1x1 conv, conv MLP.
 
     x: (B, H, W, C) or (B, Lv, S, S, C), channels last. With a :class:`BlockMask`, masked positions are zeroed
     right before the depthwise conv (masked convolution), so visible positions never see masked content.

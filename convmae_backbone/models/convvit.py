@@ -10,6 +10,7 @@ from mmengine.model import BaseModule, initialize
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
+from .arch import resolve_arch
 from .attention import RelativePositionBias, TransformerBlock
 from .conv_blocks import ConvBlock, PatchEmbed
 from .masking import BlockMask
@@ -44,11 +45,16 @@ class ConvViT(BaseModule):
     Args:
         img_size: image size (int or (h, w)) whose ``img_size // 16`` grid the position embedding (unless
             ``pos_embed_grid``) and the relative position tables of global blocks are built for.
+        arch: a named size (:data:`~.arch.ARCH_SETTINGS`: ``'base'``/``'b'``, ``'demo'``) or a dict of
+            :data:`~.arch.ARCH_FIELDS` giving the five fields below; any of them given explicitly replaces the
+            arch's value. None: ConvMAE-Base.
         patch_sizes: strides of the three patch embeddings; a stage-3 token covers their product in pixels.
         embed_dims: channels of stages 1-3.
         depths: blocks per stage.
         num_heads: attention heads in stage 3.
         mlp_ratios: MLP hidden ratio per stage (a float applies to all).
+        conv_kernel_size: kernel of the stage-1/2 depthwise convolutions (odd; 5 officially, the paper ablates 7
+            and 9); the sparse pretraining path reads a halo of ``conv_kernel_size // 2`` around visible blocks.
         drop_path_rate: stochastic depth, rising linearly over all blocks of all stages.
         window_size: 0 for global attention; otherwise stage-3 blocks attend inside windows of this many tokens
             except the blocks in ``global_attn_indexes``.
@@ -97,11 +103,13 @@ class ConvViT(BaseModule):
     def __init__(self,
                  img_size: Union[int, Tuple[int, int]] = 224,
                  in_channels: int = 3,
-                 patch_sizes: Sequence[int] = (4, 2, 2),
-                 embed_dims: Sequence[int] = (256, 384, 768),
-                 depths: Sequence[int] = (2, 2, 11),
-                 num_heads: int = 12,
-                 mlp_ratios: Union[float, Sequence[float]] = (4, 4, 4),
+                 patch_sizes: Optional[Sequence[int]] = None,
+                 embed_dims: Optional[Sequence[int]] = None,
+                 depths: Optional[Sequence[int]] = None,
+                 num_heads: Optional[int] = None,
+                 mlp_ratios: Union[None, float, Sequence[float]] = None,
+                 arch: Union[None, str, Dict[str, object]] = None,
+                 conv_kernel_size: int = 5,
                  drop_path_rate: float = 0.0,
                  window_size: int = 0,
                  global_attn_indexes: Sequence[int] = (),
@@ -122,6 +130,13 @@ class ConvViT(BaseModule):
         #: :meth:`init_weights` instead of reading the file again.
         self._preloaded_state: Optional[Dict[str, Tensor]] = None
         self.register_load_state_dict_pre_hook(resize_on_load)
+        sizes = resolve_arch(arch, dict(patch_sizes=patch_sizes, embed_dims=embed_dims, depths=depths,
+                                        num_heads=num_heads, mlp_ratios=mlp_ratios))
+        patch_sizes, embed_dims, depths = sizes['patch_sizes'], sizes['embed_dims'], sizes['depths']
+        num_heads, mlp_ratios = int(sizes['num_heads']), sizes['mlp_ratios']
+        if conv_kernel_size < 1 or conv_kernel_size % 2 == 0:
+            raise ValueError(f'conv_kernel_size must be a positive odd number, got {conv_kernel_size}')
+        self.conv_kernel_size = int(conv_kernel_size)
         patch_sizes = tuple(int(p) for p in _to_tuple3(patch_sizes, 'patch_sizes'))
         embed_dims = tuple(int(d) for d in _to_tuple3(embed_dims, 'embed_dims'))
         depths = tuple(int(d) for d in _to_tuple3(depths, 'depths'))
@@ -161,9 +176,10 @@ class ConvViT(BaseModule):
 
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.blocks1 = nn.ModuleList(
-            ConvBlock(embed_dims[0], mlp_ratios[0], dpr[i], norm_eps=conv_norm_eps) for i in range(depths[0]))
+            ConvBlock(embed_dims[0], mlp_ratios[0], dpr[i], conv_kernel_size, norm_eps=conv_norm_eps)
+            for i in range(depths[0]))
         self.blocks2 = nn.ModuleList(
-            ConvBlock(embed_dims[1], mlp_ratios[1], dpr[depths[0] + i], norm_eps=conv_norm_eps)
+            ConvBlock(embed_dims[1], mlp_ratios[1], dpr[depths[0] + i], conv_kernel_size, norm_eps=conv_norm_eps)
             for i in range(depths[1]))
         windows = [0 if i in global_attn_indexes else window_size for i in range(depths[2])]
         block_rel_pos = dict(none='none', shared='none', decomposed='decomposed', per_block='table')[rel_pos_bias]

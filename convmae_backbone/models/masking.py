@@ -9,6 +9,11 @@ features between the two layouts the encoder runs on:
   before every depthwise convolution (masked convolution, as the official code does);
 * sparse: only the positions under visible tokens, (B, Lv, S, S, C), S = 4 at H/4, 2 at H/8, 1 at H/16.
 
+Complementary masking (Fast ConvMAE) gives every image V masks, (B, V, L), whose visible sets are disjoint
+(:func:`complementary_masks`); the V views of a batch form one :class:`BlockMask` of V*B rows, view-major
+(row k*B + b is view k of image b, as in the official code), so the sparse layout holds every position of
+every image once (:meth:`BlockMask.from_views`).
+
 In training the mask is a function of the sample: the pipeline transform
 :class:`~convmae_backbone.datasets.transforms.RandomBlockMask` draws it under the sample's seeded RNG, and
 :func:`batch_masks` hands the batch's masks to the pretrainer. The convolutions that run on either layout are in
@@ -76,6 +81,14 @@ class BlockMask:
         num_tokens = grid[0] * grid[1]
         return cls(random_mask(batch, num_tokens, mask_ratio, device, generator), grid,
                    num_visible_tokens(num_tokens, mask_ratio))
+
+    @classmethod
+    def from_views(cls, masks: Tensor, grid: Tuple[int, int], num_visible: Optional[int] = None) -> 'BlockMask':
+        """The BlockMask of V views per image: masks (B, V, L) -> V*B rows, view-major (row k*B + b = view k of
+        image b)."""
+        if masks.dim() != 3:
+            raise ValueError(f'view masks must have shape (B, V, L), got {tuple(masks.shape)}')
+        return cls(masks.transpose(0, 1).reshape(-1, masks.shape[-1]), grid, num_visible)
 
     # ------------------------------------------------------------------------------------- tokens (B, L, C)
     def keep(self, x: Tensor) -> Tensor:
@@ -160,6 +173,33 @@ def random_mask(batch: int, num_tokens: int, mask_ratio: float, device=None,
     return rank >= num_visible
 
 
+def num_views(mask_ratio: float) -> int:
+    """Views of complementary masking at ``mask_ratio`` r: 1 / (1 - r) (4 at 0.75), which must be a whole
+    number of at least 2, so that the views' visible sets can partition the grid."""
+    views = round(1 / (1 - mask_ratio)) if mask_ratio < 1 else 0
+    if views < 2 or abs(views * (1 - mask_ratio) - 1) > 1e-6:
+        raise ValueError(f'complementary masking needs 1 / (1 - mask_ratio) to be a whole number >= 2 (e.g. '
+                         f'mask_ratio 0.75 -> 4 views, 0.5 -> 2), got mask_ratio={mask_ratio}')
+    return views
+
+
+def complementary_masks(batch: int, num_tokens: int, mask_ratio: float, device=None,
+                        generator: Optional[torch.Generator] = None) -> Tensor:
+    """(B, V, L) bool, True = masked: V = :func:`num_views` masks per image with exactly
+    :func:`num_visible_tokens` visible tokens each and pairwise disjoint visible sets.
+
+    As in the official Fast ConvMAE: one random permutation of the grid per image, view k keeps the tokens at
+    places k*Lv .. (k+1)*Lv - 1 of it (view 0 is :func:`random_mask` of the same draw). When V * Lv < L (a grid
+    whose size V does not divide) the last L - V * Lv tokens of the permutation are masked in every view (the
+    official code, written for 196 tokens, would give them to the last view)."""
+    views = num_views(mask_ratio)
+    num_visible = num_visible_tokens(num_tokens, mask_ratio)
+    noise = torch.rand(batch, num_tokens, device=device, generator=generator)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # place of every token in the permutation
+    view_of = torch.div(rank, num_visible, rounding_mode='floor')  # >= V: visible in no view
+    return view_of[:, None, :] != torch.arange(views, device=rank.device)[None, :, None]
+
+
 def upsample_mask(mask: Tensor, grid: Tuple[int, int], scale: int) -> Tensor:
     """(B, L) token mask on an (h, w) grid -> (B, 1, h*scale, w*scale): each token's value repeated in a block."""
     m = mask.reshape(mask.shape[0], 1, grid[0], grid[1])
@@ -172,7 +212,8 @@ def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
 
 
 def batch_masks(data_samples: Optional[Sequence]) -> Optional[Tensor]:
-    """The (B, L) bool masks of a batch's data samples, or None when they carry none."""
+    """The bool masks of a batch's data samples, stacked: (B, L), or (B, V, L) for complementary masks; None when
+    they carry none."""
     if not data_samples:
         return None
     masks = [getattr(s, 'mask', None) if not isinstance(s, dict) else s.get('mask') for s in data_samples]

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..registry import register
 from .attention import TransformerBlock
 from .convvit import ConvViT
-from .masking import BlockMask, batch_masks, check_mask_ratio, num_visible_tokens
+from .masking import BlockMask, batch_masks, check_mask_ratio, complementary_masks, num_views, num_visible_tokens
 from .sparse_conv import conv_as_linear
 from .utils import get_2d_sincos_pos_embed, norm_pix, patchify
 from .weights import PRETRAINING_ONLY
@@ -23,6 +23,16 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     densely over the whole masked image, as the official code does. Both run the same layers (see
     :mod:`.masking`) and give the same results; the sparse path needs about a quarter of the stage-1/2 work.
 
+    ``masking='complementary'`` is Fast ConvMAE (Alpha-VL/FastConvMAE): every image is encoded under V =
+    1 / (1 - mask_ratio) masks whose visible sets are disjoint (4 at 0.75), as V*B sequences, view-major; the loss
+    is the mean over the masked tokens of all views. In the sparse layout the V views hold every position of the
+    image once: the position-wise layers of stages 1-2 see each position once, as in the official code (which runs
+    them densely), and the depthwise convolutions run on the V views' scattered maps, as the official code's V
+    masked convolutions per block do. Per view the computation is block-wise ConvMAE with that view's mask.
+
+    Ablation switches of the paper: ``conv_kernel_size`` (an encoder argument), ``multiscale_fusion=False``
+    (no ``stage1_output_decode``/``stage2_output_decode``: the decoder sees stage 3 only).
+
     ``state_dict()`` keys equal the official ``MaskedAutoencoderConvViT`` ones. Works for any H, W that are
     multiples of the patch size: the fixed sin-cos position embeddings are built for the actual grid.
     """
@@ -32,8 +42,11 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
 
     #: The :class:`ConvViT` arguments pretraining takes (the official pretraining encoder: global attention, no
     #: relative position bias, no layer scale).
-    ENCODER_ARGS = ('img_size', 'in_channels', 'patch_sizes', 'embed_dims', 'depths', 'num_heads', 'mlp_ratios',
-                    'drop_path_rate', 'with_cp')
+    ENCODER_ARGS = ('img_size', 'in_channels', 'arch', 'patch_sizes', 'embed_dims', 'depths', 'num_heads',
+                    'mlp_ratios', 'conv_kernel_size', 'drop_path_rate', 'with_cp')
+
+    #: ``masking``: one block-wise mask per image, or V complementary ones (Fast ConvMAE).
+    MASKINGS = ('block', 'complementary')
 
     def __init__(self,
                  decoder_embed_dim: int = 512,
@@ -43,6 +56,8 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
                  norm_pix_loss: bool = True,
                  loss_type: str = 'mse',
                  sparse: bool = True,
+                 masking: str = 'block',
+                 multiscale_fusion: bool = True,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None,
                  **encoder_args):
@@ -55,13 +70,18 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         super().__init__(**encoder_args, init_cfg=init_cfg, data_preprocessor=data_preprocessor)
         if loss_type not in ('mse', 'l1'):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
+        if masking not in self.MASKINGS:
+            raise ValueError(f'masking must be one of {self.MASKINGS}, got {masking!r}')
+        #: masks per image: V complementary views, or 1
+        self.num_views = num_views(mask_ratio) if masking == 'complementary' else 1
+        self.masking, self.multiscale_fusion = masking, multiscale_fusion
         dims, p = self.embed_dims, self.patch_sizes
         self.mask_ratio, self.norm_pix_loss, self.loss_type = mask_ratio, norm_pix_loss, loss_type
         self.sparse = sparse
         self.pos_embed.requires_grad = False  # fixed sin-cos
-        # fusion: stage-1/2 features to the stage-3 grid (kernel == stride)
-        self.stage1_output_decode = nn.Conv2d(dims[0], dims[2], p[1] * p[2], stride=p[1] * p[2])
-        self.stage2_output_decode = nn.Conv2d(dims[1], dims[2], p[2], stride=p[2])
+        if multiscale_fusion:  # stage-1/2 features to the stage-3 grid (kernel == stride)
+            self.stage1_output_decode = nn.Conv2d(dims[0], dims[2], p[1] * p[2], stride=p[1] * p[2])
+            self.stage2_output_decode = nn.Conv2d(dims[1], dims[2], p[2], stride=p[2])
         self.norm = nn.LayerNorm(dims[2], eps=1e-6)
 
         self.decoder_embed = nn.Linear(dims[2], decoder_embed_dim)
@@ -103,10 +123,42 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         if h % p or w % p or h == 0 or w == 0:
             raise ValueError(f'image height and width must be positive multiples of {p}, got {h}x{w}')
         grid = (h // p, w // p)
-        if mask is not None and mask.shape != (imgs.shape[0], grid[0] * grid[1]):
-            raise ValueError(f'mask must have shape (B, L) = ({imgs.shape[0]}, {grid[0] * grid[1]}) for '
-                             f'{h}x{w} images, got {tuple(mask.shape)}')
+        shape = (imgs.shape[0], *((self.num_views,) if self.num_views > 1 else ()), grid[0] * grid[1])
+        if mask is not None and tuple(mask.shape) != shape:
+            name = '(B, V, L)' if self.num_views > 1 else '(B, L)'
+            raise ValueError(f'mask must have shape {name} = {shape} for {h}x{w} images with '
+                             f'masking={self.masking!r}, got {tuple(mask.shape)}')
         return grid
+
+    def block_mask(self, imgs: Tensor, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                   from_ratio: bool = False) -> BlockMask:
+        """The :class:`BlockMask` of a step (see :meth:`forward_mae`): of ``mask`` (B, L), or (B, V, L) with
+        complementary masking (V*B rows, view-major), or drawn when None."""
+        grid = self._check_input(imgs, mask)
+        b, num_tokens = imgs.shape[0], grid[0] * grid[1]
+        num_visible = num_visible_tokens(num_tokens, self.mask_ratio)
+        if mask is None:
+            if self.num_views == 1:
+                return BlockMask.random(b, grid, self.mask_ratio, imgs.device, generator)
+            masks = complementary_masks(b, num_tokens, self.mask_ratio, imgs.device, generator)
+            return BlockMask.from_views(masks, grid, num_visible)
+        mask = mask.to(imgs.device).bool()
+        expected = num_visible if from_ratio else None
+        try:
+            if self.num_views == 1:
+                return BlockMask(mask, grid, expected)
+            overlap = ((~mask).sum(dim=1) > 1).any()
+            msg = 'the visible tokens of the views of an image must be disjoint (complementary masks)'
+            if torch.compiler.is_compiling():
+                torch._assert_async(~overlap, msg)
+            elif overlap:
+                raise ValueError(msg)
+            return BlockMask.from_views(mask, grid, expected)
+        except ValueError as exc:
+            if not from_ratio:
+                raise
+            raise ValueError(f'{exc}: the model has mask_ratio={self.mask_ratio}, masking={self.masking!r}; the '
+                             f'data pipeline (RandomBlockMask) must use the same') from exc
 
     # ------------------------------------------------------------------ model
     def forward_encoder(self, imgs: Tensor, mask: BlockMask) -> Tensor:
@@ -122,8 +174,9 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         s2 = self.conv_stage(2, s1, mask)
         tokens, _ = self.stage3_tokens(s2, mask)
         x = self.transformer_stage(tokens)
-        x = x + mask.visible_tokens(conv_as_linear(self.stage1_output_decode, s1))
-        x = x + mask.visible_tokens(conv_as_linear(self.stage2_output_decode, s2))
+        if self.multiscale_fusion:
+            x = x + mask.visible_tokens(conv_as_linear(self.stage1_output_decode, s1))
+            x = x + mask.visible_tokens(conv_as_linear(self.stage2_output_decode, s2))
         return self.norm(x)
 
     def forward_decoder(self, latent: Tensor, mask: BlockMask) -> Tensor:
@@ -151,38 +204,32 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         return pred * std + mean
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """Mean over masked tokens (``mask`` (B, L) bool) of the per-token MSE (or L1) between ``pred`` and the
-        target. Always in (at least) fp32, also under autocast: the target statistics and the loss."""
+        """Mean over masked tokens (``mask`` (V*B, L) bool) of the per-token MSE (or L1) between ``pred``
+        (V*B, L, p*p*3) and the target of imgs (B, 3, H, W), the same for every view. Always in (at least) fp32,
+        also under autocast: the target statistics and the loss."""
         dtype = torch.promote_types(pred.dtype, torch.float32)  # float64 stays float64 (parity tests)
         with torch.autocast(device_type=imgs.device.type, enabled=False):
-            diff = pred.to(dtype) - self.reconstruction_target(imgs.to(dtype))
+            target = self.reconstruction_target(imgs.to(dtype))
+            diff = pred.to(dtype) - target.repeat(pred.shape[0] // target.shape[0], 1, 1)
             per_token = (diff ** 2 if self.loss_type == 'mse' else diff.abs()).mean(dim=-1)
             m = mask.to(per_token.dtype)
             return (per_token * m).sum() / m.sum()
 
     def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                     from_ratio: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-        """imgs (B, 3, H, W), H and W multiples of 16; mask (B, L) bool, True = masked, or None to draw one.
+        """imgs (B, 3, H, W), H and W multiples of 16; mask (B, L) bool, True = masked, or with
+        ``masking='complementary'`` (B, V, L), V masks per image with disjoint visible tokens; None draws them.
 
         ``from_ratio``: a given mask must leave the number of tokens visible that ``mask_ratio`` implies; the
         count is then known without reading the mask (no data-dependent control flow under ``torch.compile``).
         Otherwise any mask with the same visible count in every row is accepted.
 
-        Returns (loss, pred (B, L, 16*16*3), mask (B, L) bool).
+        Returns (loss, pred (V*B, L, 16*16*3), mask (V*B, L) bool), views view-major (row k*B + b is view k of
+        image b; V = 1 for block-wise masking).
         """
-        grid = self._check_input(imgs, mask)
-        if mask is None:
-            block_mask = BlockMask.random(imgs.shape[0], grid, self.mask_ratio, imgs.device, generator)
-        else:
-            expected = num_visible_tokens(grid[0] * grid[1], self.mask_ratio) if from_ratio else None
-            try:
-                block_mask = BlockMask(mask.to(imgs.device), grid, expected)
-            except ValueError as exc:
-                if not from_ratio:
-                    raise
-                raise ValueError(f'{exc}: the model has mask_ratio={self.mask_ratio}; the data pipeline '
-                                 f'(RandomBlockMask) must use the same') from exc
-        latent = self.forward_encoder(imgs, block_mask)
+        block_mask = self.block_mask(imgs, mask, generator, from_ratio)
+        views = imgs.repeat(self.num_views, 1, 1, 1) if self.num_views > 1 else imgs  # the sparse path reads
+        latent = self.forward_encoder(views, block_mask)  # each position of each image once
         pred = self.forward_decoder(latent, block_mask)
         return self.forward_loss(imgs, pred, block_mask.mask), pred, block_mask.mask
 
@@ -190,8 +237,8 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
                 mode: str = 'tensor') -> Union[Dict[str, Tensor], Tensor, List]:
         """mmengine entry point: ``loss`` -> dict(loss=...), ``tensor``/``predict`` -> (pred, mask).
 
-        inputs (B, 3, H, W); data_samples: per-sample masks (``.mask`` (L,) bool, drawn by the pipeline's
-        ``RandomBlockMask``) when present, else the masks are drawn here.
+        inputs (B, 3, H, W); data_samples: per-sample masks (``.mask`` (L,) bool, or (V, L) with complementary
+        masking, drawn by the pipeline's ``RandomBlockMask``) when present, else the masks are drawn here.
         """
         loss, pred, mask = self.forward_mae(inputs, batch_masks(data_samples), from_ratio=True)
         if mode == 'loss':
