@@ -21,6 +21,7 @@ import convmae_backbone  # noqa: F401
 from convmae_backbone import testing
 from convmae_backbone.apis.convert import convert, convert_vitdet
 from convmae_backbone.checkpoint import CheckpointError, safe_torch_load
+from convmae_backbone.models.arch import model_arch
 from convmae_backbone.models.pyramid import LayerNorm2d
 from helpers import load_tool, lr_curve
 
@@ -54,7 +55,8 @@ def test_vitdet_config_recipe(cfg):
     assert cfg.default_scope == 'mmdet' and cfg.custom_imports.imports == ['convmae_backbone']
     bb = cfg.model.backbone
     assert bb.type == 'ConvMAE' and bb.img_size == 1024 and bb.pos_embed_grid == 14  # pretrain_img_size 224
-    assert (tuple(bb.embed_dims), tuple(bb.depths), bb.num_heads, tuple(bb.mlp_ratios)) == (
+    arch = model_arch(bb)  # arch='base'
+    assert (tuple(arch['embed_dims']), tuple(arch['depths']), arch['num_heads'], tuple(arch['mlp_ratios'])) == (
         (256, 384, 768), (2, 2, 11), 12, (4, 4, 4))
     assert bb.drop_path_rate == 0.1 and bb.window_size == 14
     # window_block_indexes 0, 2, 3, 5, 6, 8, 9: the others are global
