@@ -95,7 +95,7 @@ def test_backbone_arch_auto_lists_every_conflict_with_the_config(tmp_path):
                                          r'depths: config \(2, 2, 1\), checkpoint \(2, 3, 1\)'):
         ConvMAE(arch='auto', embed_dims=(8, 16, 96), depths=(2, 2, 1), init_cfg=dict(type='Pretrained',
                                                                                   checkpoint=path))
-    with pytest.raises(ValueError, match="arch='auto' reads the architecture from init_cfg"):
+    with pytest.raises(ValueError, match="arch='auto' reads the architecture from one init_cfg entry"):
         ConvMAE(arch='auto')
 
 

@@ -251,12 +251,12 @@ class RandomBlockMask(BaseTransform):
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if len(size) != 2 or size[0] % patch_size or size[1] % patch_size or min(size) <= 0:
             raise ValueError(f'input_size {input_size} must be positive multiples of patch_size {patch_size}')
+        self.grid: Tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
+        num_visible_tokens(self.grid[0] * self.grid[1], mask_ratio)  # refuses a ratio outside (0, 1) here
         if masking not in self.MASKINGS:
             raise ValueError(f'masking must be one of {self.MASKINGS}, got {masking!r}')
         if masking == 'complementary':
             num_views(mask_ratio)  # raises unless 1 / (1 - mask_ratio) is a whole number
-        self.grid: Tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
-        num_visible_tokens(self.grid[0] * self.grid[1], mask_ratio)  # refuses a ratio outside (0, 1) here
         self.input_size, self.patch_size, self.mask_ratio = size, patch_size, mask_ratio
         self.masking = masking
 
