@@ -25,6 +25,16 @@ def tiny(**extra) -> dict:
                 head=dict(in_channels=dims[2], num_classes=NUM_CLASSES), **extra)
 
 
+@pytest.fixture(autouse=True)
+def no_default_scope():
+    """As in a fresh process, where mmpretrain's by-name API is used: no default scope (an earlier test's Runner
+    leaves 'mmengine' current, and mmpretrain's inferencers build their pipeline in the current scope)."""
+    saved = dict(DefaultScope._instance_dict)
+    DefaultScope._instance_dict.clear()
+    yield
+    DefaultScope._instance_dict.update(saved)
+
+
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory) -> str:
     torch.manual_seed(0)

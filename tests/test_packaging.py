@@ -115,7 +115,7 @@ def test_readme_model_zoo_agrees_with_the_metafiles():
                 for metric, value in result['Metrics'].items():
                     assert re.search(rf'(?<![\d.]){value:.1f}(?!\d)', rows[0]), (model['Name'], metric, rows[0])
                     checked += 1
-    assert checked == 4  # box AP, mask AP, mIoU, top-1
+    assert checked == 6  # box AP and mask AP of both detectors, mIoU, top-1
 
 
 def test_config_path_prefers_the_package_mim(tmp_path, monkeypatch):
