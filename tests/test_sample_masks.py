@@ -80,7 +80,7 @@ def test_mask_is_a_function_of_index_and_seed(dataset):
     a = dataset[(3, 1234)]
     torch.manual_seed(99)  # whatever the global RNG holds
     b = dataset[(3, 1234)]
-    assert torch.equal(a['data_samples'].mask, b['data_samples'].mask)
+    assert np.array_equal(a['data_samples'].mask, b['data_samples'].mask)
     assert torch.equal(a['inputs'], b['inputs'])
     masks = {tuple(dataset[(3, 1234 + k)]['data_samples'].mask.tolist()) for k in range(8)}
     assert len(masks) > 1  # other seeds, other masks
@@ -102,7 +102,31 @@ def test_masks_do_not_depend_on_world_size(dataset, monkeypatch):
     split = {**masks_of(0, 2), **masks_of(1, 2)}
     assert sorted(split) == sorted(single) == list(range(8))
     for idx, mask in single.items():
-        assert torch.equal(split[idx], mask), idx
+        assert np.array_equal(split[idx], mask), idx
+
+
+def test_loader_of_the_pretraining_config_stacks_images_in_the_worker(dataset):
+    """The base config's ``collate_fn`` stacks the images where the pipeline runs (one (B, 3, H, W) uint8 tensor
+    crosses from a loader worker, not B) and the masks arrive as numpy arrays, which travel pickled inside the
+    batch; the pretrainer trains on that batch with those masks."""
+    from mmengine.config import Config
+    from mmengine.registry import FUNCTIONS
+
+    from convmae_backbone import config_path
+
+    collate_cfg = Config.fromfile(config_path('pretrain/convmae-b_8xb128-1600e_in1k.py')).train_dataloader.collate_fn
+    loader = torch.utils.data.DataLoader([dataset[(i, 10 + i)] for i in range(4)], batch_size=4, num_workers=1,
+                                         collate_fn=FUNCTIONS.get(collate_cfg['type']))
+    batch = next(iter(loader))
+    assert isinstance(batch['inputs'], torch.Tensor) and batch['inputs'].shape == (4, 3, 64, 64)
+    assert batch['inputs'].dtype == torch.uint8
+    masks = [s.mask for s in batch['data_samples']]
+    assert all(isinstance(m, np.ndarray) and m.dtype == bool and m.shape == (16,) for m in masks)
+    model = ConvMAEPretrainer(**TINY, data_preprocessor=dict(type='ImgDataPreprocessor', mean=[127.5] * 3,
+                                                             std=[64.0] * 3))
+    data = model.data_preprocessor(batch, training=True)
+    _, mask = model(data['inputs'], data['data_samples'], mode='tensor')
+    assert torch.equal(mask, torch.from_numpy(np.stack(masks)))
 
 
 def test_pretrainer_uses_the_batch_masks(dataset):

@@ -77,9 +77,8 @@ from convmae_backbone.models.reference import with_explicit_attention  # noqa: E
 from convmae_backbone.resources import config_path  # noqa: E402
 from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER, write_photo_jpegs  # noqa: E402
 from mmengine.config import Config  # noqa: E402
-from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
-from mmengine.registry import DATASETS  # noqa: E402
+from mmengine.registry import DATASETS, FUNCTIONS  # noqa: E402
 from torchvision import datasets as tv_datasets  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
@@ -439,14 +438,16 @@ def worker_backbone(cfg: dict) -> dict:
 
 
 def build_data_pipeline(variant: str, root: str):
-    """(dataset, collate_fn, keys): ``dataset[key]`` runs one sample through the ``variant`` pipeline."""
+    """(dataset, collate_fn, keys): ``dataset[key]`` runs one sample through the ``variant`` pipeline; ours are
+    collated by the base config's ``collate_fn``, as the Runner's loader does."""
     if variant == 'data-official':  # the official main_pretrain.py's transform_train on torchvision's ImageFolder
         transform = T.Compose([
             T.RandomResizedCrop(224, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
         dataset = tv_datasets.ImageFolder(root, transform=transform)
         return dataset, None, list(range(len(dataset)))
-    pipeline = Config.fromfile(PRETRAIN_CONFIG).train_pipeline
+    cfg = Config.fromfile(PRETRAIN_CONFIG)
+    pipeline, collate = cfg.train_pipeline, FUNCTIONS.get(cfg.train_dataloader.collate_fn['type'])
     if variant == 'data-ours-pil':
         pipeline[0]['decoder'] = 'pil'
     elif variant == 'data-ours-before':
@@ -454,7 +455,7 @@ def build_data_pipeline(variant: str, root: str):
         for key in ('decoder', 'reduced_decoding', 'backend_args'):
             pipeline[1].pop(key, None)
     dataset = DATASETS.build(dict(type='ImageFolderDataset', data_root=root, subdir=None, pipeline=pipeline))
-    return dataset, pseudo_collate, [(i, 1000 + i) for i in range(len(dataset))]  # as SeededSampler yields
+    return dataset, collate, [(i, 1000 + i) for i in range(len(dataset))]  # as SeededSampler yields
 
 
 def worker_data(cfg: dict) -> dict:

@@ -60,7 +60,8 @@ train_dataloader = dict(
     pin_memory=True,
     drop_last=True,
     sampler=dict(type='SeededSampler', shuffle=True),  # DefaultSampler + per-sample augmentation seeds
-    collate_fn=dict(type='pseudo_collate'),
+    # stacks the images in the worker: one tensor per batch crosses to the main process (masks ride as numpy)
+    collate_fn=dict(type='default_collate'),
     dataset=dict(type='ImageFolderDataset', data_root=data_root, subdir='train', pipeline=train_pipeline))
 
 optim_wrapper = dict(

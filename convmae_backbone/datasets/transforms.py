@@ -285,7 +285,9 @@ def image_hw(img: Union[Image.Image, np.ndarray]) -> Tuple[int, int]:
 
 
 def pack_mask(results: dict, packed: dict) -> dict:
-    """Add ``data_samples=BaseDataElement(mask=(L,) bool)`` to ``packed`` when ``results`` holds a mask."""
+    """Add ``data_samples=BaseDataElement(mask=(L,) or (V, L) bool numpy array)`` to ``packed`` when ``results``
+    holds a mask. A numpy array travels from a loader worker pickled inside the batch; a tensor would be a
+    shared-memory segment of its own per sample, which on the receiving side costs more than the mask is worth."""
     if 'mask' in results:
-        packed['data_samples'] = BaseDataElement(mask=results['mask'])
+        packed['data_samples'] = BaseDataElement(mask=np.asarray(results['mask'], dtype=bool))
     return packed
