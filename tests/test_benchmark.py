@@ -141,6 +141,11 @@ def test_quick_fastconvmae_rows(tmp_path):
     assert float(ratios['complementary (ours) fp32 step / sparse (ours) fp32 step']) == pytest.approx(
         fp32['complementary']['best_s'] / fp32['sparse']['best_s'], abs=0.006)
     assert 'complementary (ours) bf16 step / sparse (ours) fp32 step' in ratios
+    for entry in entries:  # the step's FLOPs at the dtype's GEMM ceiling, over the reference's fp32 step
+        floor = entry['fastconvmae']['complementary']['flops'] / (entry['gemm']['gflops_per_s'] * 1e9)
+        label = (f"complementary (ours) step's FLOPs at the {entry['dtype']} GEMM ceiling ({floor:.2f} s) / sparse "
+                 f"(ours) fp32 step: the floor of the {entry['dtype']} ratio")
+        assert float(ratios[label]) == pytest.approx(floor / fp32['sparse']['best_s'], abs=0.006)
 
 
 def test_fastconvmae_source_that_cannot_be_imported_is_reported(tmp_path):

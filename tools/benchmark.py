@@ -690,6 +690,14 @@ def format_fast_ratios(entries: List[dict], reference: str, device: str) -> str:
         if num and den and num.get(key) and den.get(key) and pair not in seen:
             seen.add(pair)
             lines.append(f'| {label} | {num[key] / den[key]:.2f} |')
+    ref_fp32 = fp32.get(reference) or {}
+    for entry in entries:  # the step's arithmetic alone, at this device's GEMM ceiling: no implementation is faster
+        ours, ceiling = entry.get('fastconvmae', {}).get('complementary') or {}, entry['gemm'].get('gflops_per_s')
+        if ours.get('flops') and ceiling and ref_fp32.get('best_s'):
+            floor = ours['flops'] / (ceiling * 1e9)
+            lines.append(f"| complementary (ours) step's FLOPs at the {entry['dtype']} GEMM ceiling ({floor:.2f} s) / "
+                         f"{ref} fp32 step: the floor of the {entry['dtype']} ratio | "
+                         f"{floor / ref_fp32['best_s']:.2f} |")
     return '\n'.join(lines)
 
 
