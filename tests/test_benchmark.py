@@ -134,18 +134,50 @@ def test_quick_fastconvmae_rows(tmp_path):
         assert set(rows) == {'complementary', 'sparse'} and 'pretrain' not in entry
         assert rows['complementary']['flops'] == pytest.approx(4 * rows['sparse']['flops'], rel=0.02)
         assert rows['complementary']['params'] == rows['sparse']['params']
-        assert all(r['best_s'] > 0 and r['saved_mb'] > 0 for r in rows.values())
+        assert all(r['best_s'] > 0 and r['saved_mb'] > 0 and r['live_mb'] > 0 for r in rows.values())
     assert 'Fast ConvMAE step, ConvMAE-tiny 64x64, batch 2 images' in proc.stdout
     ratios = dict(re.findall(r'^\| (complementary [^|]+) \| ([0-9.]+) \|$', proc.stdout, re.M))
     fp32 = entries[0]['fastconvmae']
     assert float(ratios['complementary (ours) fp32 step / sparse (ours) fp32 step']) == pytest.approx(
         fp32['complementary']['best_s'] / fp32['sparse']['best_s'], abs=0.006)
     assert 'complementary (ours) bf16 step / sparse (ours) fp32 step' in ratios
+    assert float(ratios['complementary (ours) fp32 live per-step memory / sparse (ours) fp32']) == pytest.approx(
+        fp32['complementary']['live_mb'] / fp32['sparse']['live_mb'], abs=0.006)
     for entry in entries:  # the step's FLOPs at the dtype's GEMM ceiling, over the reference's fp32 step
         floor = entry['fastconvmae']['complementary']['flops'] / (entry['gemm']['gflops_per_s'] * 1e9)
         label = (f"complementary (ours) step's FLOPs at the {entry['dtype']} GEMM ceiling ({floor:.2f} s) / sparse "
                  f"(ours) fp32 step: the floor of the {entry['dtype']} ratio")
         assert float(ratios[label]) == pytest.approx(floor / fp32['sparse']['best_s'], abs=0.006)
+
+
+def _cpu_live_step_mb_in_a_child(queue, sizes_mb: Tuple[int, ...]) -> None:
+    """In a fresh process (the measurement changes its allocator): a step that makes tensors of ``sizes_mb`` and
+    a small one that outlives it, run twice before it is measured."""
+    survivors = []
+
+    def step():
+        blocks = [torch.ones(m * 2 ** 18) for m in sizes_mb]  # float32, every page touched
+        survivors.append(torch.ones(64))  # allocated after them: glibc cannot hand their heap space back
+        del blocks
+
+    step()
+    step()
+    queue.put(benchmark.cpu_live_step_mb(step))
+
+
+@pytest.mark.parametrize('sizes_mb', [(1, 2, 3, 4, 6, 8, 12, 16), (64,)])
+def test_cpu_live_step_memory_is_the_steps_peak_of_live_tensors(sizes_mb):
+    """The live per-step figure is the peak of the step's tensors above what was there before it: 52 MiB for a
+    step that makes 52 MiB of mid-sized tensors, although after the same step ran twice glibc's default allocator
+    keeps most of that space in the process (measured without the fixed mmap threshold and the trim: 16 MiB,
+    only the 16 MiB block); 64 MiB for one large tensor."""
+    ctx = torch.multiprocessing.get_context('spawn')
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_cpu_live_step_mb_in_a_child, args=(queue, sizes_mb))
+    proc.start()
+    live = queue.get(timeout=120)
+    proc.join(timeout=60)
+    assert live == pytest.approx(sum(sizes_mb), abs=4)
 
 
 def test_fastconvmae_source_that_cannot_be_imported_is_reported(tmp_path):

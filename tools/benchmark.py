@@ -51,6 +51,7 @@ Usage (what ``make benchmark`` runs):
     python tools/benchmark.py --only fastconvmae --fastconvmae-src ../FastConvMAE --rounds 3
 """
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -217,6 +218,28 @@ def op_breakdown(step: Callable[[], None], device: str) -> Dict[str, float]:
         out[name] += us / 1000
     out['total'] = sum(out.values())
     return out
+
+
+def cpu_live_step_mb(step: Callable[[], None]) -> Optional[float]:
+    """The memory one more ``step`` needs on CPU when freed memory goes back to the OS: glibc's mmap threshold is
+    fixed at 128 KiB (by default it rises up to 32 MiB, so freed blocks of that size stay in the heap and in the
+    RSS), the heap is trimmed and the peak RSS reset (``/proc/self/clear_refs``), then the step's peak RSS over the
+    RSS before it. The CPU counterpart of CUDA's ``max_memory_allocated``: the step's live tensors, not what the
+    allocator keeps. Slows later allocations, so it runs after the timing; None where glibc or /proc lack it."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        with open('/proc/self/clear_refs', 'w') as f:
+            if not libc.mallopt(-3, 128 * 1024):  # M_MMAP_THRESHOLD
+                return None
+            libc.malloc_trim(0)
+            f.write('5')  # reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        return None
+    before = _current_rss_mb()
+    step()
+    with open('/proc/self/status') as f:
+        hwm_kib = next(int(ln.split()[1]) for ln in f if ln.startswith('VmHWM:'))
+    return hwm_kib / 1024 - before
 
 
 def _peak_mb(device: str) -> float:
@@ -401,6 +424,8 @@ def worker_pretrain(cfg: dict) -> dict:
             res['saved_mb'] = saved_for_backward_mb(model, lambda: forward(imgs, masks[0]))
     if cfg.get('profile'):
         res['breakdown'] = op_breakdown(step, device)
+    if device == 'cpu':  # last: it changes the allocator's behaviour for the rest of the process
+        res['live_mb'] = cpu_live_step_mb(step)
     return res
 
 
@@ -592,6 +617,8 @@ def summarise(runs: List[dict], per: int, ceiling: float) -> dict:
     best, median = min(res['times']), statistics.median(res['times'])
     res.update(best_s=best, median_s=median, img_per_s=per / median, rounds=len(ok),
                peak_mb=max(r['peak_mb'] for r in ok), step_mb=max(r['peak_mb'] - r['held_mb'] for r in ok))
+    if all(r.get('live_mb') is not None for r in ok):
+        res['live_mb'] = max(r['live_mb'] for r in ok)
     if res.get('flops'):
         res.update(gflop_per_item=res['flops'] / per / 1e9, gflops_per_s=res['flops'] / best / 1e9)
         res['pct_of_gemm'] = 100 * res['gflops_per_s'] / ceiling
@@ -603,13 +630,16 @@ def format_section(title: str, mem_name: str, rows: Sequence[Tuple[str, dict]],
     """A markdown table of the variants; ratios (time, per-step memory) against the row named ``reference``."""
     ref = dict(rows).get(reference)
     saved = any('saved_mb' in r for _, r in rows)
+    live = any('live_mb' in r for _, r in rows)
     head = (f'| variant | best s | median s | img/s | GFLOP/img | GFLOP/s | % of GEMM | peak {mem_name} MiB '
             f'| per-step MiB | time / {reference or "-"} | per-step mem / {reference or "-"} |'
-            + (f' saved for backward MiB | saved / {reference or "-"} |' if saved else ''))
-    lines = [f'**{title}**', '', head, '|' + '---|' * (13 if saved else 11)]
+            + (f' saved for backward MiB | saved / {reference or "-"} |' if saved else '')
+            + (f' live per-step MiB | live / {reference or "-"} |' if live else ''))
+    columns = 11 + 2 * saved + 2 * live
+    lines = [f'**{title}**', '', head, '|' + '---|' * columns]
     for name, r in rows:
         if 'error' in r:
-            lines.append(f'| {LABELS.get(name, name)} | not run: {r["error"]} |' + ' |' * (11 if saved else 9))
+            lines.append(f'| {LABELS.get(name, name)} | not run: {r["error"]} |' + ' |' * (columns - 2))
             continue
         gf = (f"{r['gflop_per_item']:.3g} | {r['gflops_per_s']:.3g} | {r['pct_of_gemm']:.0f}%"
               if 'gflop_per_item' in r else '- | - | -')
@@ -624,6 +654,10 @@ def format_section(title: str, mem_name: str, rows: Sequence[Tuple[str, dict]],
             ratio += f" {r['saved_mb']:.0f} |" if 'saved_mb' in r else ' |'
             ratio += (f" {r['saved_mb'] / ref['saved_mb']:.2f} |"
                       if 'saved_mb' in r and ref is not None and ref.get('saved_mb') else ' |')
+        if live:
+            ratio += f" {r['live_mb']:.0f} |" if 'live_mb' in r else ' |'
+            ratio += (f" {r['live_mb'] / ref['live_mb']:.2f} |"
+                      if 'live_mb' in r and ref is not None and ref.get('live_mb') else ' |')
         lines.append(f"| {LABELS.get(name, name)}{extra} | {r['best_s']:.3f} | {r['median_s']:.3f} | "
                      f"{r['img_per_s']:.1f} | {gf} | {r['peak_mb']:.0f} | {r['step_mb']:.0f} {ratio}")
     return '\n'.join(lines)
@@ -684,6 +718,8 @@ def format_fast_ratios(entries: List[dict], reference: str, device: str) -> str:
              fp32.get(reference), 'step_mb'),
             (f'complementary (ours) fp32 saved for backward / {ref} fp32', fp32.get('complementary'),
              fp32.get(reference), 'saved_mb'),
+            (f'complementary (ours) fp32 live per-step memory / {ref} fp32', fp32.get('complementary'),
+             fp32.get(reference), 'live_mb'),
             ('complementary (ours) fp32 step / sparse (ours, block-wise) fp32 step, same images',
              fp32.get('complementary'), fp32.get('sparse'), 'best_s')):
         pair = (id(num), id(den), key)
