@@ -154,7 +154,7 @@ DET = ROOT / 'configs/mmdet/mask-rcnn_convmae-b_fpn_lsj-25e_coco.py'
 SEG = ROOT / 'configs/mmseg/upernet_convmae-b_8xb2-160k_ade20k-512x512.py'
 
 
-@pytest.mark.parametrize('case', ['default_scope', 'schedule', 'auto_scale_lr', 'out_suffix', 'empty_folder',
+@pytest.mark.parametrize('case', ['default_scope', 'schedule', 'schedule_ends_before_it_begins', 'auto_scale_lr', 'out_suffix', 'empty_folder',
                                   'missing_data_root', 'keyword_in_file', 'call_in_cfg_options',
                                   'call_with_comma_in_cfg_options'])
 def test_every_refusal_prints_one_error_line_and_exits_1_before_a_work_dir(case, tmp_path, capsys, image):
@@ -170,6 +170,11 @@ def test_every_refusal_prints_one_error_line_and_exits_1_before_a_work_dir(case,
                                            f"'mmpretrain'), got 'mmengine'"),
         'schedule': ('pretrain', [DEMO, '--cfg-options', data, 'train_cfg.max_epochs=1'],
                      'error: param_scheduler[1] (CosineAnnealingLR) begins at epoch 1 but train_cfg.max_epochs is 1'),
+        'schedule_ends_before_it_begins': (
+            'pretrain', [DEMO, '--cfg-options', data, 'param_scheduler.0.by_epoch=False', 'param_scheduler.0.begin=5',
+                         'param_scheduler.0.end=5'],
+            'error: param_scheduler[0] (LinearLR) begins at iteration 5 and ends at iteration 5; it must end after '
+            'it begins'),
         'auto_scale_lr': ('train', [SEG, '--auto-scale-lr'],
                           f'error: {SEG} has no auto_scale_lr.base_batch_size; --auto-scale-lr needs it'),
         'out_suffix': ('test', [DET, tmp_path / 'x.pth', '--out', 'results.json'],

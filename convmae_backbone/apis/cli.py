@@ -222,11 +222,17 @@ def enable_auto_scale_lr(cfg: Config, path: str) -> None:
 
 
 def check_schedule(cfg: Config) -> None:
-    """Fail early, with the numbers, if an epoch-based scheduler starts at or after the last epoch."""
+    """Fail early, with the numbers, if a scheduler ends before it begins, or an epoch-based one starts at or after
+    the last epoch."""
     max_epochs = cfg.get('train_cfg', {}).get('max_epochs')
     schedulers = cfg.get('param_scheduler') or []
     for i, sched in enumerate([schedulers] if isinstance(schedulers, dict) else schedulers):
-        if max_epochs is not None and sched.get('by_epoch', True) and sched.get('begin', 0) >= max_epochs:
+        begin, end = sched.get('begin', 0), sched.get('end')
+        if end is not None and begin >= end:
+            unit = 'epoch' if sched.get('by_epoch', True) else 'iteration'
+            raise ConfigError(f'param_scheduler[{i}] ({sched.get("type")}) begins at {unit} {begin} and ends at '
+                              f'{unit} {end}; it must end after it begins')
+        if max_epochs is not None and sched.get('by_epoch', True) and begin >= max_epochs:
             raise ConfigError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {sched["begin"]} but '
                              f'train_cfg.max_epochs is {max_epochs}; train longer than the warm-up or change '
                              f'param_scheduler')
