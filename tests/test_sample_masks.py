@@ -80,7 +80,7 @@ def test_mask_is_a_function_of_index_and_seed(dataset):
     a = dataset[(3, 1234)]
     torch.manual_seed(99)  # whatever the global RNG holds
     b = dataset[(3, 1234)]
-    assert np.array_equal(a['data_samples'].mask, b['data_samples'].mask)
+    assert torch.equal(a['data_samples'].mask, b['data_samples'].mask)
     assert torch.equal(a['inputs'], b['inputs'])
     masks = {tuple(dataset[(3, 1234 + k)]['data_samples'].mask.tolist()) for k in range(8)}
     assert len(masks) > 1  # other seeds, other masks
@@ -102,31 +102,37 @@ def test_masks_do_not_depend_on_world_size(dataset, monkeypatch):
     split = {**masks_of(0, 2), **masks_of(1, 2)}
     assert sorted(split) == sorted(single) == list(range(8))
     for idx, mask in single.items():
-        assert np.array_equal(split[idx], mask), idx
+        assert torch.equal(split[idx], mask), idx
 
 
-def test_loader_of_the_pretraining_config_stacks_images_in_the_worker(dataset):
-    """The base config's ``collate_fn`` stacks the images where the pipeline runs (one (B, 3, H, W) uint8 tensor
-    crosses from a loader worker, not B) and the masks arrive as numpy arrays, which travel pickled inside the
-    batch; the pretrainer trains on that batch with those masks."""
+def test_loader_of_the_pretraining_config_sends_a_batch_as_two_tensors(dataset):
+    """The base config's ``collate_fn`` (``mae_collate``) stacks the images where the pipeline runs and the masks
+    too: the batch crosses from a loader worker as one (B, 3, H, W) uint8 tensor and one (B, L) bool tensor whose
+    rows the data samples hold; the pretrainer trains on that batch with those masks (and compiled, with the data
+    preprocessor, in tests/test_compile.py)."""
     from mmengine.config import Config
     from mmengine.registry import FUNCTIONS
 
     from convmae_backbone import config_path
 
     collate_cfg = Config.fromfile(config_path('pretrain/convmae-b_8xb128-1600e_in1k.py')).train_dataloader.collate_fn
-    loader = torch.utils.data.DataLoader([dataset[(i, 10 + i)] for i in range(4)], batch_size=4, num_workers=1,
+    samples = [dataset[(i, 10 + i)] for i in range(4)]
+    loader = torch.utils.data.DataLoader(samples, batch_size=4, num_workers=1,
                                          collate_fn=FUNCTIONS.get(collate_cfg['type']))
     batch = next(iter(loader))
     assert isinstance(batch['inputs'], torch.Tensor) and batch['inputs'].shape == (4, 3, 64, 64)
     assert batch['inputs'].dtype == torch.uint8
     masks = [s.mask for s in batch['data_samples']]
-    assert all(isinstance(m, np.ndarray) and m.dtype == bool and m.shape == (16,) for m in masks)
+    storage = masks[0].untyped_storage().data_ptr()
+    assert all(m.shape == (16,) and m.dtype == torch.bool and m.untyped_storage().data_ptr() == storage
+               for m in masks)  # rows of one tensor
+    assert torch.equal(torch.stack(masks), torch.stack([s['data_samples'].mask for s in samples]))
     model = ConvMAEPretrainer(**TINY, data_preprocessor=dict(type='ImgDataPreprocessor', mean=[127.5] * 3,
                                                              std=[64.0] * 3))
     data = model.data_preprocessor(batch, training=True)
     _, mask = model(data['inputs'], data['data_samples'], mode='tensor')
-    assert torch.equal(mask, torch.from_numpy(np.stack(masks)))
+    assert torch.equal(mask, torch.stack(masks))
+    assert FUNCTIONS.get(collate_cfg['type'])([dict(inputs=torch.zeros(1))])['inputs'].shape == (1, 1)  # no masks
 
 
 def test_pretrainer_uses_the_batch_masks(dataset):

@@ -53,7 +53,7 @@ def samples(dataset, epoch: int = 0, num_workers: int = 0) -> dict:
     loader = torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=2, num_workers=num_workers,
                                          collate_fn=pseudo_collate)
     items = [item for batch in loader for item in zip(batch['inputs'], batch['data_samples'])]
-    return {key[0]: (inputs, torch.as_tensor(sample.mask)) for key, (inputs, sample) in zip(keys, items)}
+    return {key[0]: (inputs, sample.mask) for key, (inputs, sample) in zip(keys, items)}
 
 
 def _rank_worker(rank: int, world: int, init_file: str, cfgs: dict, out_dir: str) -> None:

@@ -60,8 +60,8 @@ train_dataloader = dict(
     pin_memory=True,
     drop_last=True,
     sampler=dict(type='SeededSampler', shuffle=True),  # DefaultSampler + per-sample augmentation seeds
-    # stacks the images in the worker: one tensor per batch crosses to the main process (masks ride as numpy)
-    collate_fn=dict(type='default_collate'),
+    # default_collate + the masks stacked: a batch crosses from a loader worker as two tensors, not 2 per sample
+    collate_fn=dict(type='mae_collate'),
     dataset=dict(type='ImageFolderDataset', data_root=data_root, subdir='train', pipeline=train_pipeline))
 
 optim_wrapper = dict(

@@ -1,7 +1,8 @@
 """The MAE pretraining pipeline (RandomResizedCrop + flip + block mask), for mmengine.
 
-The pipeline yields ``dict(inputs=uint8 tensor (3, H, W))`` (and ``data_samples`` carrying the mask); normalisation
-(ImageNet mean and std, RGB) is done by the model's ``ImgDataPreprocessor``.
+The pipeline yields ``dict(inputs=uint8 tensor (3, H, W))`` (and ``data_samples`` carrying the mask), which
+:func:`mae_collate` batches; normalisation (ImageNet mean and std, RGB) is done by the model's
+``ImgDataPreprocessor``.
 
 The transforms are mmcv ``BaseTransform`` s in mmengine's root TRANSFORMS registry, so that configs of any
 ``default_scope`` (mmengine, mmdet, mmseg) find them. Under :class:`~.samplers.SeededSampler` they draw from the
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from mmcv.transforms import BaseTransform
 from mmengine import fileio
+from mmengine.dataset import default_collate
 from mmengine.logging import print_log
 from mmengine.structures import BaseDataElement
 from PIL import Image
@@ -285,9 +287,22 @@ def image_hw(img: Union[Image.Image, np.ndarray]) -> Tuple[int, int]:
 
 
 def pack_mask(results: dict, packed: dict) -> dict:
-    """Add ``data_samples=BaseDataElement(mask=(L,) or (V, L) bool numpy array)`` to ``packed`` when ``results``
-    holds a mask. A numpy array travels from a loader worker pickled inside the batch; a tensor would be a
-    shared-memory segment of its own per sample, which on the receiving side costs more than the mask is worth."""
+    """Add ``data_samples=BaseDataElement(mask=(L,) bool)`` to ``packed`` when ``results`` holds a mask."""
     if 'mask' in results:
-        packed['data_samples'] = BaseDataElement(mask=np.asarray(results['mask'], dtype=bool))
+        packed['data_samples'] = BaseDataElement(mask=results['mask'])
     return packed
+
+
+@register('FUNCTIONS')
+def mae_collate(data_batch: Sequence[dict]) -> dict:
+    """The pretraining batch: mmengine's ``default_collate`` (the images stacked into one (B, 3, H, W) tensor where
+    the loader runs), and the data samples' masks stacked into one (B, L) (or (B, V, L)) tensor whose rows the
+    samples then hold. A batch leaves a loader worker as two tensors: every tensor crossing from a worker is a
+    shared-memory segment of its own that the main process maps, which with per-sample tensors limited the
+    loader (docs/benchmark.md, input pipeline)."""
+    batch = default_collate(data_batch)
+    samples = batch.get('data_samples') if isinstance(batch, dict) else None
+    if samples and all(isinstance(s, BaseDataElement) and 'mask' in s for s in samples):
+        for sample, row in zip(samples, torch.stack([torch.as_tensor(s.mask) for s in samples])):
+            sample.mask = row
+    return batch

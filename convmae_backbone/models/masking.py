@@ -21,7 +21,6 @@ In training the mask is a function of the sample: the pipeline transform
 """
 from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -222,6 +221,4 @@ def batch_masks(data_samples: Optional[Sequence]) -> Optional[Tensor]:
         return None
     if any(m is None for m in masks):
         raise ValueError('some data samples of the batch carry a mask and some do not')
-    if all(isinstance(m, np.ndarray) for m in masks):  # as the pipeline packs them: one copy
-        return torch.from_numpy(np.stack(masks)).bool()
     return torch.stack([torch.as_tensor(m) for m in masks]).bool()
