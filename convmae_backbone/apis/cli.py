@@ -233,7 +233,7 @@ def check_schedule(cfg: Config) -> None:
             raise ConfigError(f'param_scheduler[{i}] ({sched.get("type")}) begins at {unit} {begin} and ends at '
                               f'{unit} {end}; it must end after it begins')
         if max_epochs is not None and sched.get('by_epoch', True) and begin >= max_epochs:
-            raise ConfigError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {sched["begin"]} but '
+            raise ConfigError(f'param_scheduler[{i}] ({sched.get("type")}) begins at epoch {begin} but '
                              f'train_cfg.max_epochs is {max_epochs}; train longer than the warm-up or change '
                              f'param_scheduler')
 
