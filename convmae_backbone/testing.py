@@ -7,7 +7,9 @@
 * :func:`tiny_det_config`, :func:`tiny_vitdet_config`, :func:`tiny_seg_config`: the full Mask R-CNN (FPN and
   simple-pyramid) and UperNet configs of ``configs/`` with a small backbone, small heads and a CPU runtime;
 * :func:`run_train_tool`, :func:`read_val_metrics`: mmdet's / mmseg's own ``tools/train.py`` on a config, and
-  the validation metrics it logged.
+  the validation metrics it logged;
+* :class:`TinyTeacher`: a small frozen-teacher stand-in for the feature-mimicking objective (CLIP and DINO
+  weights cannot be downloaded in tests).
 """
 import importlib
 import json
@@ -19,9 +21,12 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from mmengine.config import Config
 from PIL import Image, ImageDraw
+from torch import Tensor, nn
 
+from .registry import register
 from .resources import PACKAGE_DIR, config_path
 
 DEMO_CONFIG = config_path('pretrain/convmae-tiny_demo.py')
@@ -387,3 +392,39 @@ def read_val_metrics(work_dir: str) -> Dict[str, float]:
             if not any(k in entry for k in ('lr', 'loss')):  # training lines carry lr/loss
                 metrics = entry
     return metrics
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+@register('MODELS')
+class TinyTeacher(nn.Module):
+    """A small ViT-like teacher with timm's interface (``forward_features``, ``num_features``,
+    ``num_prefix_tokens``, ``cls_token``) for tests of feature mimicking: a ``patch_size`` patch embedding, a
+    non-linearity and a LayerNorm; the class token is its parameter plus the mean of the patch tokens. Its
+    weights are drawn from ``seed``, not from the global RNG, so that every build (each DDP process, a resumed
+    run) is the same teacher.
+
+    ``output='tokens'``: forward_features (B, 3, H, W) -> (B, 1 + (H/p)*(W/p), C); ``'map'``: (B, C, H/p, W/p),
+    without class token.
+    """
+
+    def __init__(self, embed_dim: int = 24, patch_size: int = 8, in_channels: int = 3, seed: int = 0,
+                 output: str = 'tokens'):
+        super().__init__()
+        if output not in ('tokens', 'map'):
+            raise ValueError(f"output must be 'tokens' or 'map', got {output!r}")
+        self.num_features, self.output = embed_dim, output
+        self.num_prefix_tokens = 1 if output == 'tokens' else 0
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if output == 'tokens' else None
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        t = self.norm(torch.tanh(self.patch_embed(x).permute(0, 2, 3, 1)))  # (B, h, w, C)
+        if self.output == 'map':
+            return t.permute(0, 3, 1, 2)
+        t = t.flatten(1, 2)
+        return torch.cat([self.cls_token + t.mean(dim=1, keepdim=True), t], dim=1)

@@ -22,7 +22,8 @@ def test_kernel_size_sparse_equals_dense(kernel):
     mask = random_mask(2, 24, 0.5, generator=gen)
     outs = []
     for model in (sparse, dense):
-        loss, pred, _ = model.forward_mae(imgs, mask)
+        out = model.forward_mae(imgs, mask)
+        loss, pred = out.loss, out.pred
         loss.backward()
         outs.append((loss, pred, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (ls, ps, gs), (ld, pd, gd) = outs
@@ -85,6 +86,7 @@ def test_without_multiscale_fusion():
         assert rel_err(plain.forward_encoder(imgs, mask), expected) < 1e-14
         assert rel_err(dense.forward_encoder(imgs, mask), expected) < 1e-12
         assert rel_err(fused.forward_encoder(imgs, mask), expected) > 1e-3  # fusion does change the latent
-    loss, _, _ = plain.forward_mae(imgs, mask.mask)
+    out = plain.forward_mae(imgs, mask.mask)
+    loss = out.loss
     loss.backward()
     assert loss.isfinite() and plain.blocks1[0].conv1.weight.grad.abs().max() > 0

@@ -80,9 +80,12 @@ def test_sparse_and_dense_agree_in_bf16():
     imgs = torch.randn(4, 3, 64, 64)
     mask = random_mask(4, 16, 0.75, generator=torch.Generator().manual_seed(2))
     with torch.autocast('cpu', torch.bfloat16):
-        loss_s, pred_s, _ = sparse.forward_mae(imgs, mask)
-        loss_d, pred_d, _ = dense.forward_mae(imgs, mask)
-    ref_loss, ref_pred, _ = sparse.double().forward_mae(imgs.double(), mask)
+        out = sparse.forward_mae(imgs, mask)
+        loss_s, pred_s = out.loss, out.pred
+        out = dense.forward_mae(imgs, mask)
+        loss_d, pred_d = out.loss, out.pred
+    out = sparse.double().forward_mae(imgs.double(), mask)
+    ref_loss, ref_pred = out.loss, out.pred
     assert pred_s.dtype == torch.bfloat16 and loss_s.dtype == torch.float32
     assert max_rel_err(pred_s, pred_d) < 0.03 and abs(loss_s.item() - loss_d.item()) < 0.01 * loss_d.item()
     assert max_rel_err(pred_s, ref_pred) < 0.05  # and both are bf16-close to the float64 result

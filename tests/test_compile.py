@@ -21,8 +21,10 @@ def test_pretraining_forward_is_one_graph_without_recompilation(sparse):
     with torch._dynamo.config.patch(error_on_recompile=True):  # new masks, same shapes: no recompilation
         for seed in range(3):
             mask = random_mask(2, 16, 0.75, generator=torch.Generator().manual_seed(seed))
-            loss, pred, _ = compiled(x, mask)
-            ref_loss, ref_pred, _ = model.forward_mae(x, mask)
+            got = compiled(x, mask)
+            loss, pred = got.loss, got.pred
+            out = model.forward_mae(x, mask)
+            ref_loss, ref_pred = out.loss, out.pred
             assert torch.allclose(loss, ref_loss, rtol=1e-5) and max_rel_err(pred, ref_pred) < 1e-5
     bad = mask.clone()
     bad[0, bad[0].nonzero()[0]] = False  # one more visible token in the first image

@@ -31,7 +31,8 @@ def _pretrainer() -> ConvMAEPretrainer:
 def _step(model: ConvMAEPretrainer, imgs: torch.Tensor, mask: torch.Tensor):
     """loss and the gradients of one forward + backward."""
     model.zero_grad()
-    loss, _, _ = model.forward_mae(imgs, mask)
+    out = model.forward_mae(imgs, mask)
+    loss = out.loss
     loss.backward()
     return loss.detach().cpu(), {k: p.grad.detach().cpu() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -55,10 +56,10 @@ def test_bf16_autocast_step_on_cuda_is_finite_and_close_to_fp32():
     mask = random_mask(8, 16, 0.75, generator=torch.Generator().manual_seed(2)).cuda()
     model = _pretrainer().cuda()
     with torch.no_grad():
-        fp32_loss = model.forward_mae(imgs, mask)[0].item()
+        fp32_loss = model.forward_mae(imgs, mask).loss.item()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     with torch.autocast('cuda', dtype=torch.bfloat16):
-        loss = model.forward_mae(imgs, mask)[0]
+        loss = model.forward_mae(imgs, mask).loss
     assert loss.dtype == torch.float32  # the loss stays fp32 under autocast
     loss.backward()
     optimizer.step()

@@ -56,7 +56,8 @@ def test_official_fastconvmae_parity(fast, sparse, norm_pix_loss):
     model = official_model(fast, sparse, norm_pix_loss)
     tag = 'norm_pix' if norm_pix_loss else 'raw'
     imgs, masks = fast['images'].double(), view_masks(fast)
-    loss, pred, mask = model.forward_mae(imgs, masks, from_ratio=True)
+    out = model.forward_mae(imgs, masks, from_ratio=True)
+    loss, pred, mask = out.loss, out.pred, out.mask
     loss.backward()
     assert torch.equal(mask, fast['masks']) and pred.shape == fast['pred'].shape == (8, 196, 768)
     assert rel_err(loss, fast[f'loss_{tag}']) < 1e-6
@@ -114,13 +115,15 @@ def test_sparse_equals_dense_and_each_position_is_computed_once():
     imgs = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     seen = []
     sparse.blocks1[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
-    loss, pred, mask = sparse.forward_mae(imgs, generator=torch.Generator().manual_seed(2))
+    out = sparse.forward_mae(imgs, generator=torch.Generator().manual_seed(2))
+    loss, pred, mask = out.loss, out.pred, out.mask
     assert pred.shape == (12, 24, 768) and mask.shape == (12, 24)
     masks = mask.reshape(4, 3, 24).transpose(0, 1)
     assert ((~masks).sum(1) == 1).all()  # the views of every image partition its grid
     assert seen == [(12, 6, 4, 4, 32)] and 12 * 6 * 4 * 4 == 3 * 16 * 24  # every H/4 position once
     loss.backward()
-    loss_d, pred_d, _ = dense.forward_mae(imgs, masks)
+    out = dense.forward_mae(imgs, masks)
+    loss_d, pred_d = out.loss, out.pred
     loss_d.backward()
     assert rel_err(loss, loss_d) < 1e-12 and rel_err(pred, pred_d) < 1e-12
     for (name, p), q in zip(sparse.named_parameters(), dense.parameters()):
@@ -135,10 +138,12 @@ def test_each_view_is_block_wise_convmae_with_its_mask():
     block.load_state_dict(fast.state_dict())
     imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     masks = complementary_masks(2, 16, 0.75, generator=torch.Generator().manual_seed(4))
-    loss, pred, _ = fast.forward_mae(imgs, masks)
+    out = fast.forward_mae(imgs, masks)
+    loss, pred = out.loss, out.pred
     total, count = 0.0, 0
     for k in range(4):
-        loss_k, pred_k, _ = block.forward_mae(imgs, masks[:, k])
+        out = block.forward_mae(imgs, masks[:, k])
+        loss_k, pred_k = out.loss, out.pred
         assert rel_err(pred[2 * k:2 * k + 2], pred_k) < 1e-12
         total, count = total + loss_k * masks[:, k].sum(), count + masks[:, k].sum()
     assert rel_err(loss, total / count) < 1e-12
@@ -175,8 +180,8 @@ def test_pipeline_draws_the_views_from_the_sample_seed():
     model = ConvMAEPretrainer(img_size=64, **TINY_ARCH, masking='complementary')
     inputs = torch.stack([s['inputs'] for s in samples]).float()
     out = model(inputs, data_samples, mode='loss')
-    out['loss'].backward()
-    assert out['loss'].isfinite() and model.blocks1[0].attn.weight.grad.abs().max() > 0
+    out['loss_rec'].backward()
+    assert out['loss_rec'].isfinite() and model.blocks1[0].attn.weight.grad.abs().max() > 0
     overlapping = BaseDataElement(mask=random_mask(4, 24, 0.75))  # 6 visible per view, views overlap
     with pytest.raises(ValueError, match=r'disjoint .*RandomBlockMask\) must use the same'):
         model(inputs, data_samples[:2] + [overlapping], mode='loss')

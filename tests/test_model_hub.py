@@ -55,7 +55,8 @@ def image(tmp_path_factory) -> str:
 def test_list_models_finds_the_pretraining_and_classification_models():
     assert list_models('*convmae*') == sorted(['convmae-b_8xb128-100e_in1k', 'convmae-b_linear-8xb2048-90e_in1k',
                                                'convmae-b_8xb128-1600e_in1k', 'convmae-tiny_demo',
-                                               'fastconvmae-b_8xb64-50e_in1k'])
+                                               'fastconvmae-b_8xb64-50e_in1k',
+                                               'mr-convmae-b_8xb128-200e_in1k'])
     assert list_models('convmae', task='Image Classification') == ['convmae-b_8xb128-100e_in1k',
                                                                    'convmae-b_linear-8xb2048-90e_in1k']
 

@@ -28,7 +28,8 @@ def test_random_mask_has_exact_visible_count(ratio, length):
 
 
 def test_forward_mae_draws_a_mask_per_image(model):
-    loss, pred, mask = model.forward_mae(torch.randn(3, 3, 64, 96, dtype=torch.float64))
+    out = model.forward_mae(torch.randn(3, 3, 64, 96, dtype=torch.float64))
+    loss, pred, mask = out.loss, out.pred, out.mask
     assert mask.shape == (3, 24) and ((~mask).sum(1) == 6).all()
     assert pred.shape == (3, 24, 768) and loss.ndim == 0
 
@@ -47,13 +48,16 @@ def test_upsampled_masks_repeat_the_h16_mask():
 
 def test_masked_pixels_do_not_change_pred(model, official):
     imgs, mask = official['images'].double(), official['mask']
-    _, pred, _ = model.forward_mae(imgs, mask)
+    out = model.forward_mae(imgs, mask)
+    pred = out.pred
     pixel_mask = upsample_mask(mask, (14, 14), 16).expand_as(imgs)
     changed = torch.where(pixel_mask, torch.randn_like(imgs) * 10, imgs)
-    _, pred2, _ = model.forward_mae(changed, mask)
+    out = model.forward_mae(changed, mask)
+    pred2 = out.pred
     assert torch.equal(pred, pred2)
     visible_changed = torch.where(pixel_mask, imgs, imgs + 1)
-    _, pred3, _ = model.forward_mae(visible_changed, mask)
+    out = model.forward_mae(visible_changed, mask)
+    pred3 = out.pred
     assert not torch.allclose(pred, pred3)
 
 
@@ -63,7 +67,8 @@ def test_non_224_grid_uses_sincos_of_the_actual_grid(model):
     imgs = torch.randn(1, 3, 80, 48, dtype=torch.float64)
     mask = torch.zeros(1, 15, dtype=torch.bool)
     mask[0, 5:] = True
-    _, pred, _ = model.forward_mae(imgs, mask)
+    out = model.forward_mae(imgs, mask)
+    pred = out.pred
     assert pred.shape == (1, 15, 768)
     dense = BlockMask(mask, (5, 3))  # the dense path over the whole masked image
     s2 = model.conv_stage(2, model.conv_stage(1, imgs.permute(0, 2, 3, 1), dense), dense)
@@ -87,7 +92,8 @@ def test_loss_types(small_arch, small_decoder, official, loss_type, norm_pix):
     m = ConvMAEPretrainer(**small_arch, **small_decoder, loss_type=loss_type, norm_pix_loss=norm_pix).double()
     m.load_state_dict(official['state_dict'])
     imgs, mask = official['images'].double(), official['mask']
-    loss, pred, _ = m.forward_mae(imgs, mask)
+    out = m.forward_mae(imgs, mask)
+    loss, pred = out.loss, out.pred
     target = patchify(imgs, 16)
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
@@ -99,7 +105,7 @@ def test_loss_types(small_arch, small_decoder, official, loss_type, norm_pix):
 def test_mmengine_forward_modes(model):
     imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     out = model(imgs, mode='loss')
-    assert set(out) == {'loss'} and out['loss'].requires_grad
+    assert set(out) == {'loss_rec'} and out['loss_rec'].requires_grad
     pred, mask = model(imgs, mode='tensor')
     assert pred.shape == (2, 4, 768) and mask.shape == (2, 4)
     with pytest.raises(ValueError, match='mode'):

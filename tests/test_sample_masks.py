@@ -144,8 +144,8 @@ def test_pretrainer_uses_the_batch_masks(dataset):
     assert expected.shape == (4, 16)
     pred, mask = model(data['inputs'], data['data_samples'], mode='tensor')
     assert torch.equal(mask, expected)
-    loss1 = model(data['inputs'], data['data_samples'], mode='loss')['loss']
-    loss2 = model.forward_mae(data['inputs'], expected)[0]
+    loss1 = model(data['inputs'], data['data_samples'], mode='loss')['loss_rec']
+    loss2 = model.forward_mae(data['inputs'], expected).loss
     assert torch.equal(loss1, loss2)
     _, own = model(data['inputs'], None, mode='tensor')  # without masks it draws its own
     assert own.shape == (4, 16) and ((~own).sum(1) == 4).all() and not torch.equal(own, expected)

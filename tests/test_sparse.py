@@ -42,7 +42,8 @@ def test_official_parity(official, sparse, norm_pix_loss):
     assert model.sparse is sparse
     tag = 'norm_pix' if norm_pix_loss else 'raw'
     imgs, mask = official['images'].double(), official['mask']
-    loss, pred, _ = model.forward_mae(imgs, mask)
+    out = model.forward_mae(imgs, mask)
+    loss, pred = out.loss, out.pred
     loss.backward()
     assert rel_err(loss, official[f'loss_{tag}']) < 1e-6
     assert rel_err(pred, official['pred']) < 1e-6  # pred does not depend on the loss normalisation
@@ -64,7 +65,8 @@ def test_sparse_equals_dense_non_square_grid():
     assert mask.any() and (~mask).any()
     outs = []
     for model in (sparse, dense):
-        loss, pred, _ = model.forward_mae(imgs, mask)
+        out = model.forward_mae(imgs, mask)
+        loss, pred = out.loss, out.pred
         loss.backward()
         latent = model.forward_encoder(imgs, BlockMask(mask, (4, 6)))
         outs.append((loss, pred, latent, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
@@ -153,12 +155,15 @@ def test_sparse_prediction_ignores_masked_pixels():
     mask = random_mask(2, 16, 0.75, generator=gen)
     pixel_mask = mask.reshape(2, 1, 4, 1, 4, 1).expand(2, 3, 4, 16, 4, 16).reshape(2, 3, 64, 64)
     with torch.no_grad():
-        _, pred, _ = model.forward_mae(imgs, mask)
+        out = model.forward_mae(imgs, mask)
+        pred = out.pred
         noisy = torch.where(pixel_mask, torch.randn_like(imgs) * 100, imgs)
-        _, pred_noisy, _ = model.forward_mae(noisy, mask)
+        out = model.forward_mae(noisy, mask)
+        pred_noisy = out.pred
         changed = imgs.clone()
         changed[~pixel_mask] += 1.0
-        _, pred_changed, _ = model.forward_mae(changed, mask)
+        out = model.forward_mae(changed, mask)
+        pred_changed = out.pred
     assert not torch.equal(noisy, imgs)
     assert torch.equal(pred_noisy, pred)
     assert (pred_changed - pred).abs().max() > 1e-3
@@ -292,7 +297,7 @@ def test_sparse_with_activation_checkpointing(monkeypatch):
     mask = random_mask(2, 16, 0.5, generator=gen)
     losses = []
     for model in (plain, ckpt):
-        loss = model.forward_mae(imgs, mask)[0]
+        loss = model.forward_mae(imgs, mask).loss
         loss.backward()
         losses.append(loss)
     assert checkpointed.count('ConvBlock') == 2  # blocks1[0] and blocks2[0], in the with_cp model only

@@ -73,7 +73,7 @@ import torch  # noqa: E402
 from convmae_backbone.engine.amp import amp_optim_wrapper, supports_bf16  # noqa: E402
 from convmae_backbone.models import ConvMAE, ConvMAEPretrainer  # noqa: E402
 from convmae_backbone.models.arch import arch_settings  # noqa: E402
-from convmae_backbone.models.masking import complementary_masks, random_mask  # noqa: E402
+from convmae_backbone.models.masking import MASKINGS  # noqa: E402
 from convmae_backbone.models.reference import with_explicit_attention  # noqa: E402
 from convmae_backbone.resources import config_path  # noqa: E402
 from convmae_backbone.testing import TINY_DECODER, TINY_ENCODER, write_photo_jpegs  # noqa: E402
@@ -331,7 +331,7 @@ def build_pretrain_model(variant: str, size: int, quick: bool, official_src: Opt
                               masking='complementary' if variant == 'complementary' else 'block')
     if variant == 'official-formulation':
         with_explicit_attention(model)
-    return model, lambda imgs, mask: model.forward_mae(imgs, mask, from_ratio=True)[0]
+    return model, lambda imgs, mask: model.forward_mae(imgs, mask, from_ratio=True).loss
 
 
 def build_optim_wrapper(model: torch.nn.Module, dtype: str, device: str):
@@ -396,7 +396,7 @@ def worker_pretrain(cfg: dict) -> dict:
     held_cpu = _current_rss_mb() + 2 * trainable_mb  # weights + two AdamW moments, before the first step
     gen = torch.Generator().manual_seed(0)
     imgs = torch.randn(batch, 3, size, size, generator=gen).to(device)
-    draw = complementary_masks if variant == 'complementary' else random_mask  # (B, 4, L) or (B, L)
+    draw = MASKINGS['complementary' if variant == 'complementary' else 'block'].draw  # (B, 4, L) or (B, L)
     masks = [draw(batch, (size // 16) ** 2, 0.75, generator=gen).to(device) for _ in range(4)]
     steps = [0]  # a new mask every step (same shape), as in training
     compiled = variant.endswith('compiled')

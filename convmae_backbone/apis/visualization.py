@@ -16,9 +16,10 @@ from PIL import Image
 from ..checkpoint import CheckpointError, checkpoint_weights, literal_assignments, safe_torch_load
 from ..datasets import to_rgb8
 from ..models import ConvMAEPretrainer
+from ..models.pretrainer import RECONSTRUCTION_LOSS
 from ..models.masking import upsample_mask
 from ..models.utils import unpatchify
-from ..models.weights import PRETRAINING_ONLY, extract_state_dict
+from ..models.weights import extract_state_dict, holds_decoder, is_pretraining_only
 
 
 def stored_config(ckpt: dict, source: str = 'checkpoint') -> Optional[Config]:
@@ -55,7 +56,7 @@ def describe_weights(ckpt) -> str:
         return f'a detector: {", ".join(tops)}'
     state = extract_state_dict(ckpt)
     has_encoder = 'pos_embed' in state and any(k.startswith('blocks3.') for k in state)
-    if has_encoder and set(PRETRAINING_ONLY) <= {k.split('.', 1)[0] for k in state}:
+    if has_encoder and holds_decoder(state):
         return 'a ConvMAE pretraining model'
     if has_encoder:
         return 'a ConvMAE encoder without the decoder (a backbone export or a fine-tuned backbone)'
@@ -99,7 +100,8 @@ def build_model(ckpt_path: str, config: Optional[str] = None,
                 mask_ratio: Optional[float] = None, weights: bool = True) -> ConvMAEPretrainer:
     """The ConvMAEPretrainer of the checkpoint's config (:func:`pretraining_model_config`) in eval mode, with the
     checkpoint's weights (``weights=False``: randomly initialised). Raises :class:`CheckpointError` for anything
-    but a ConvMAE pretraining checkpoint."""
+    but a ConvMAE pretraining checkpoint. A model trained with ``mimic`` is built without it (the reconstruction
+    needs no teacher, whose weights may not be at hand): its ``mimic_heads`` weights are not loaded."""
     ckpt = safe_torch_load(ckpt_path)
     model_cfg = pretraining_model_config(ckpt_path, ckpt, config, mask_ratio)
     model_cls = MODELS.get(model_cfg.get('type'))
@@ -107,10 +109,13 @@ def build_model(ckpt_path: str, config: Optional[str] = None,
         raise CheckpointError(f'the config of {ckpt_path} builds a {model_cfg.get("type")!r}, not a '
                               f'ConvMAEPretrainer; {NEEDS}')
     model_cfg.pop('init_cfg', None)  # the weights come from the checkpoint; nothing else is read
+    model_cfg.pop('mimic', None)
     model = MODELS.build(model_cfg)
     if weights:
+        own = model.state_dict()
+        state = {k: v for k, v in extract_state_dict(ckpt).items() if k in own or not is_pretraining_only(k)}
         try:
-            model.load_state_dict(extract_state_dict(ckpt), strict=True)
+            model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             first = ' '.join(str(exc).splitlines()[:3])[:400]
             raise CheckpointError(f'{ckpt_path} does not fit the model of its config ({first}); pass the '
@@ -139,7 +144,8 @@ def reconstruct(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -
     pre = model.data_preprocessor
     x = pre(dict(inputs=list(images)), False)['inputs']  # normalised float (B, 3, H, W)
     generator = torch.Generator().manual_seed(seed)
-    _, pred, mask = model.forward_mae(x, generator=generator)  # pred (V*B, L, p*p*3), mask (V*B, L) True=masked
+    out = model.forward_mae(x, generator=generator)
+    pred, mask = out.pred, out.mask  # pred (V*B, L, p*p*3), mask (V*B, L) True=masked
     views = pred.shape[0] // x.shape[0]  # view-major: row k*B + b is view k of image b
     x = x.repeat(views, 1, 1, 1)
     p = model.patch_size
@@ -168,11 +174,12 @@ def columns(views: int = 1) -> Tuple[str, ...]:
 
 @torch.no_grad()
 def reconstruction_error(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -> float:
-    """The model's loss (e.g. norm-pix MSE over the masked patches) on images uint8 (B, 3, H, W), with the mask
-    drawn from ``seed`` as in :func:`reconstruct`: the same masks for any model of the same input size."""
+    """The model's reconstruction loss (e.g. norm-pix MSE over the masked patches) on images uint8 (B, 3, H, W),
+    with the mask drawn from ``seed`` as in :func:`reconstruct`: the same masks for any model of the same input
+    size."""
     x = model.data_preprocessor(dict(inputs=list(images)), False)['inputs']
-    loss, _, _ = model.forward_mae(x, generator=torch.Generator().manual_seed(seed))
-    return float(loss)
+    out = model.forward_mae(x, generator=torch.Generator().manual_seed(seed))
+    return float(out.losses[RECONSTRUCTION_LOSS])
 
 
 #: Column labels of the figure; a fifth column shows an untrained model's reconstruction + visible blocks.

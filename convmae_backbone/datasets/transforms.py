@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from ..models.masking import complementary_masks, num_views, num_visible_tokens, random_mask
+from ..models.masking import MASKINGS, mask_strategy, num_visible_tokens
 from ..registry import register
 from .decode import DECODERS, EncodedImage, reduced_size
 from .image_folder import to_rgb8
@@ -246,8 +246,6 @@ class RandomBlockMask(BaseTransform):
     model's ``img_size``, ``mask_ratio`` and ``masking`` (the model checks the masks' shape and visible tokens).
     """
 
-    MASKINGS = ('block', 'complementary')
-
     def __init__(self, input_size: Union[int, Sequence[int]] = 224, patch_size: int = 16, mask_ratio: float = 0.75,
                  masking: str = 'block'):
         size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -255,10 +253,7 @@ class RandomBlockMask(BaseTransform):
             raise ValueError(f'input_size {input_size} must be positive multiples of patch_size {patch_size}')
         self.grid: Tuple[int, int] = (size[0] // patch_size, size[1] // patch_size)
         num_visible_tokens(self.grid[0] * self.grid[1], mask_ratio)  # refuses a ratio outside (0, 1) here
-        if masking not in self.MASKINGS:
-            raise ValueError(f'masking must be one of {self.MASKINGS}, got {masking!r}')
-        if masking == 'complementary':
-            num_views(mask_ratio)  # raises unless 1 / (1 - mask_ratio) is a whole number
+        mask_strategy(masking, mask_ratio)  # a known strategy that fits the ratio
         self.input_size, self.patch_size, self.mask_ratio = size, patch_size, mask_ratio
         self.masking = masking
 
@@ -267,8 +262,7 @@ class RandomBlockMask(BaseTransform):
         if img is not None and image_hw(img) != self.input_size:
             raise ValueError(f'RandomBlockMask expects {self.input_size} images (put it after the crop), got '
                              f'{image_hw(img)}')
-        draw = complementary_masks if self.masking == 'complementary' else random_mask
-        results['mask'] = draw(1, self.grid[0] * self.grid[1], self.mask_ratio)[0]
+        results['mask'] = MASKINGS[self.masking].draw(1, self.grid[0] * self.grid[1], self.mask_ratio)[0]
         return results
 
     def __repr__(self) -> str:

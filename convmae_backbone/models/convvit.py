@@ -289,11 +289,23 @@ class ConvViT(BaseModule):
 
         Stage 3 is returned after its last block, without the pretraining ``norm``.
         """
-        s1 = self.conv_stage(1, x.permute(0, 2, 3, 1))
-        s2 = self.conv_stage(2, s1)
-        tokens, hw = self.stage3_tokens(s2)
-        s3 = self.transformer_stage(tokens, hw).reshape(x.shape[0], hw[0], hw[1], -1)
+        s1, s2, s3, hw = self.encode(x.permute(0, 2, 3, 1))
+        s3 = s3.reshape(x.shape[0], hw[0], hw[1], -1)
         return s1.permute(0, 3, 1, 2), s2.permute(0, 3, 1, 2), s3.permute(0, 3, 1, 2)
+
+    def encode(self, x: Tensor, mask: Optional[BlockMask] = None
+               ) -> Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]:
+        """The encoder's stages in order, on channels-last input -> (s1, s2, s3, grid): stage-1/2 features, stage-3
+        tokens after the last block (no pretraining ``norm``) and the token grid (h, w).
+
+        Without a mask: x (B, H, W, C) -> s1 (B, H/4, W/4, C1), s2 (B, H/8, W/8, C2), s3 (B, h*w, C3). With a
+        mask (pretraining): x dense (B, H, W, C) (masked convolution) or the visible blocks (B, Lv, P, P, C)
+        (sparse), s1 and s2 in the same layout as x, s3 the visible tokens (B, Lv, C3).
+        """
+        s1 = self.conv_stage(1, x, mask)
+        s2 = self.conv_stage(2, s1, mask)
+        tokens, hw = self.stage3_tokens(s2, mask)
+        return s1, s2, self.transformer_stage(tokens, hw if mask is None else None), hw
 
     @property
     def strides(self) -> Tuple[int, int, int]:

@@ -19,7 +19,7 @@ In training the mask is a function of the sample: the pipeline transform
 :func:`batch_masks` hands the batch's masks to the pretrainer. The convolutions that run on either layout are in
 :mod:`.sparse_conv`.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -73,14 +73,6 @@ class BlockMask:
         self._batch = torch.arange(b, device=mask.device)[:, None].expand_as(self.ids_keep)
         self._rows = torch.div(self.ids_keep, w, rounding_mode='floor')
         self._cols = self.ids_keep % w
-
-    @classmethod
-    def random(cls, batch: int, grid: Tuple[int, int], mask_ratio: float, device=None,
-               generator: Optional[torch.Generator] = None) -> 'BlockMask':
-        """Exactly :func:`num_visible_tokens` visible tokens per image, drawn independently per image."""
-        num_tokens = grid[0] * grid[1]
-        return cls(random_mask(batch, num_tokens, mask_ratio, device, generator), grid,
-                   num_visible_tokens(num_tokens, mask_ratio))
 
     @classmethod
     def from_views(cls, masks: Tensor, grid: Tuple[int, int], num_visible: Optional[int] = None) -> 'BlockMask':
@@ -198,6 +190,33 @@ def complementary_masks(batch: int, num_tokens: int, mask_ratio: float, device=N
     rank = noise.argsort(dim=1).argsort(dim=1)  # place of every token in the permutation
     view_of = torch.div(rank, num_visible, rounding_mode='floor')  # >= V: visible in no view
     return view_of[:, None, :] != torch.arange(views, device=rank.device)[None, :, None]
+
+
+class MaskStrategy(NamedTuple):
+    """How a ``masking`` draws masks: ``draw(batch, num_tokens, mask_ratio, device, generator)`` -> (B, L) bool
+    with one mask per image, or (B, V, L) with V = ``views(mask_ratio)`` > 1 masks per image; ``views`` raises
+    ``ValueError`` for a mask ratio the strategy cannot use."""
+    draw: Callable[..., Tensor]
+    views: Callable[[float], int]
+
+
+#: The masking strategies by name: the one table the pipeline transform (``RandomBlockMask``), the pretrainer
+#: (``ConvMAEPretrainer(masking=...)``) and ``tools/benchmark.py`` read. ``block``: one block-wise mask per
+#: image (ConvMAE); ``complementary``: V masks with disjoint visible sets (Fast ConvMAE).
+MASKINGS: Dict[str, MaskStrategy] = {
+    'block': MaskStrategy(random_mask, lambda mask_ratio: 1),
+    'complementary': MaskStrategy(complementary_masks, num_views),
+}
+
+
+def mask_strategy(masking: str, mask_ratio: float) -> MaskStrategy:
+    """The :data:`MASKINGS` entry ``masking``, checked against ``mask_ratio``; ``ValueError`` naming the choices
+    or the ratio otherwise."""
+    if masking not in MASKINGS:
+        raise ValueError(f'masking must be one of {tuple(MASKINGS)}, got {masking!r}')
+    strategy = MASKINGS[masking]
+    strategy.views(mask_ratio)  # e.g. complementary: 1 / (1 - mask_ratio) must be a whole number
+    return strategy
 
 
 def upsample_mask(mask: Tensor, grid: Tuple[int, int], scale: int) -> Tensor:

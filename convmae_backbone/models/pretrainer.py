@@ -1,5 +1,5 @@
 """``ConvMAEPretrainer``: masked-autoencoder pretraining of the ConvMAE encoder."""
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from mmengine.model import BaseModel
@@ -8,10 +8,39 @@ from torch import Tensor, nn
 from ..registry import register
 from .attention import TransformerBlock
 from .convvit import ConvViT
-from .masking import BlockMask, batch_masks, check_mask_ratio, complementary_masks, num_views, num_visible_tokens
+from .masking import BlockMask, batch_masks, check_mask_ratio, mask_strategy, num_visible_tokens
+from .mimic import Teacher, build_teachers, distance
 from .sparse_conv import conv_as_linear
 from .utils import get_2d_sincos_pos_embed, norm_pix, patchify
 from .weights import PRETRAINING_ONLY
+
+#: The name of the reconstruction term among the pretrainer's losses; a mimic teacher NAME's term is
+#: ``f'{MIMIC_LOSS}{NAME}'``.
+RECONSTRUCTION_LOSS = 'loss_rec'
+MIMIC_LOSS = 'loss_mimic_'
+
+
+class MAEOutput(NamedTuple):
+    """What :meth:`ConvMAEPretrainer.forward_mae` returns.
+
+    Attributes:
+        losses: the named loss terms, scalars, already weighted: ``loss_rec`` (the reconstruction) and one
+            ``loss_mimic_<teacher>`` per mimic teacher; mmengine logs each and optimises their sum.
+        pred: (V*B, L, p*p*3) the decoder's prediction for every token.
+        mask: (V*B, L) bool, True = masked; views view-major (row k*B + b is view k of image b).
+    """
+    losses: Dict[str, Tensor]
+    pred: Tensor
+    mask: Tensor
+
+    @property
+    def loss(self) -> Tensor:
+        """The objective: the sum of :attr:`losses`."""
+        terms = list(self.losses.values())
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
 
 
 @register('MODELS')
@@ -33,6 +62,12 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     Ablation switches of the paper: ``conv_kernel_size`` (an encoder argument), ``multiscale_fusion=False``
     (no ``stage1_output_decode``/``stage2_output_decode``: the decoder sees stage 3 only).
 
+    ``mimic=dict(teachers=dict(NAME=dict(...), ...))`` adds MR-MAE-style feature mimicking (:mod:`.mimic`): a
+    projection head per frozen teacher (``mimic_heads.NAME``) predicts, from the visible stage-3 tokens the decoder
+    receives, the teacher's features of the unmasked image at those tokens; each teacher adds a weighted term
+    ``loss_mimic_NAME`` to the reconstruction's ``loss_rec``. The teachers are held outside the module tree
+    (:attr:`teachers`): no checkpoint, optimizer, DDP or initialisation sees them; ``.to()``/``.double()`` move them.
+
     ``state_dict()`` keys equal the official ``MaskedAutoencoderConvViT`` ones. Works for any H, W that are
     multiples of the patch size: the fixed sin-cos position embeddings are built for the actual grid.
     """
@@ -45,9 +80,6 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
     ENCODER_ARGS = ('img_size', 'in_channels', 'arch', 'patch_sizes', 'embed_dims', 'depths', 'num_heads',
                     'mlp_ratios', 'conv_kernel_size', 'drop_path_rate', 'with_cp')
 
-    #: ``masking``: one block-wise mask per image, or V complementary ones (Fast ConvMAE).
-    MASKINGS = ('block', 'complementary')
-
     def __init__(self,
                  decoder_embed_dim: int = 512,
                  decoder_depth: int = 8,
@@ -58,22 +90,27 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
                  sparse: bool = True,
                  masking: str = 'block',
                  multiscale_fusion: bool = True,
+                 mimic: Optional[dict] = None,
                  data_preprocessor: Optional[dict] = None,
                  init_cfg: Optional[dict] = None,
                  **encoder_args):
-        """``encoder_args``: the :attr:`ENCODER_ARGS` of :class:`ConvViT` (defaults: ConvMAE-Base at 224)."""
+        """``masking``: a :data:`~.masking.MASKINGS` name, one block-wise mask per image (``'block'``) or V
+        complementary ones (``'complementary'``, Fast ConvMAE). ``mimic``: see the class docstring and
+        :mod:`.mimic`. ``encoder_args``: the :attr:`ENCODER_ARGS` of :class:`ConvViT` (defaults: ConvMAE-Base at
+        224)."""
         unknown = sorted(set(encoder_args) - set(self.ENCODER_ARGS))
         if unknown:
             raise TypeError(f'ConvMAEPretrainer got unexpected arguments {unknown}; the encoder takes '
                             f'{list(self.ENCODER_ARGS)}')
         check_mask_ratio(mask_ratio)
+        strategy = mask_strategy(masking, mask_ratio)
+        with torch.random.fork_rng(devices=[]):  # building the teachers draws nothing from the global RNG
+            teachers = build_teachers(mimic)
         super().__init__(**encoder_args, init_cfg=init_cfg, data_preprocessor=data_preprocessor)
         if loss_type not in ('mse', 'l1'):
             raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
-        if masking not in self.MASKINGS:
-            raise ValueError(f'masking must be one of {self.MASKINGS}, got {masking!r}')
         #: masks per image: V complementary views, or 1
-        self.num_views = num_views(mask_ratio) if masking == 'complementary' else 1
+        self.num_views = strategy.views(mask_ratio)
         self.masking, self.multiscale_fusion = masking, multiscale_fusion
         dims, p = self.embed_dims, self.patch_sizes
         self.mask_ratio, self.norm_pix_loss, self.loss_type = mask_ratio, norm_pix_loss, loss_type
@@ -93,7 +130,18 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
             TransformerBlock(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio) for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_size ** 2 * self.in_channels)
+        #: the frozen mimic teachers by name, outside the module tree (see :mod:`.mimic`)
+        self.teachers: Dict[str, Teacher] = teachers
+        if teachers:
+            self.mimic_heads = nn.ModuleDict({name: t.head(dims[2]) for name, t in teachers.items()})
         self.init_weights()
+
+    def _apply(self, fn, *args, **kwargs):
+        """``to``/``cuda``/``double``/... of the module tree, and of the teachers held outside it."""
+        super()._apply(fn, *args, **kwargs)
+        for teacher in getattr(self, 'teachers', {}).values():
+            teacher.module._apply(fn, *args, **kwargs)
+        return self
 
     def init_random_weights(self) -> None:
         super().init_random_weights()
@@ -138,9 +186,10 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         b, num_tokens = imgs.shape[0], grid[0] * grid[1]
         num_visible = num_visible_tokens(num_tokens, self.mask_ratio)
         if mask is None:
+            masks = mask_strategy(self.masking, self.mask_ratio).draw(b, num_tokens, self.mask_ratio, imgs.device,
+                                                                      generator)
             if self.num_views == 1:
-                return BlockMask.random(b, grid, self.mask_ratio, imgs.device, generator)
-            masks = complementary_masks(b, num_tokens, self.mask_ratio, imgs.device, generator)
+                return BlockMask(masks, grid, num_visible)
             return BlockMask.from_views(masks, grid, num_visible)
         mask = mask.to(imgs.device).bool()
         expected = num_visible if from_ratio else None
@@ -170,10 +219,7 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         x = imgs.permute(0, 2, 3, 1)
         if self.sparse:
             x = mask.gather(x)
-        s1 = self.conv_stage(1, x, mask)
-        s2 = self.conv_stage(2, s1, mask)
-        tokens, _ = self.stage3_tokens(s2, mask)
-        x = self.transformer_stage(tokens)
+        s1, s2, x, _ = self.encode(x, mask)
         if self.multiscale_fusion:
             x = x + mask.visible_tokens(conv_as_linear(self.stage1_output_decode, s1))
             x = x + mask.visible_tokens(conv_as_linear(self.stage2_output_decode, s2))
@@ -215,8 +261,31 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
             m = mask.to(per_token.dtype)
             return (per_token * m).sum() / m.sum()
 
+    def mimic_losses(self, imgs: Tensor, latent: Tensor, mask: BlockMask) -> Dict[str, Tensor]:
+        """The weighted mimic term of every teacher: imgs (B, 3, H, W) as the data preprocessor normalised them,
+        latent (V*B, Lv, C3) the visible tokens the decoder receives. Per teacher: the mean over the visible tokens
+        (and the class token with ``cls_token``) of the distance between the head's prediction and the teacher's
+        normalised features of the unmasked image at those tokens, in (at least) fp32."""
+        pre = self.data_preprocessor
+        normalised = getattr(pre, '_enable_normalize', False)
+        pre_mean, pre_std = (pre.mean, pre.std) if normalised else (None, None)
+        dtype = torch.promote_types(latent.dtype, torch.float32)
+        losses = {}
+        for name, teacher in self.teachers.items():
+            patches, cls = teacher.targets(teacher.inputs(imgs, pre_mean, pre_std), mask.grid)  # (B, L, Ct)
+            head = self.mimic_heads[name]
+            preds, targets = [head(latent)], [mask.keep(patches.repeat(self.num_views, 1, 1))]  # (V*B, Lv, Ct)
+            if cls is not None:
+                preds.append(head(latent.mean(dim=1, keepdim=True)))
+                targets.append(cls.repeat(self.num_views, 1)[:, None])
+            with torch.autocast(device_type=imgs.device.type, enabled=False):
+                per_token = torch.cat([distance(p.to(dtype), t.to(dtype), teacher.distance)
+                                       for p, t in zip(preds, targets)], dim=1)  # (V*B, Lv [+ 1])
+                losses[MIMIC_LOSS + name] = teacher.weight * per_token.mean()
+        return losses
+
     def forward_mae(self, imgs: Tensor, mask: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                    from_ratio: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                    from_ratio: bool = False) -> MAEOutput:
         """imgs (B, 3, H, W), H and W multiples of 16; mask (B, L) bool, True = masked, or with
         ``masking='complementary'`` (B, V, L), V masks per image with disjoint visible tokens; None draws them.
 
@@ -224,25 +293,30 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         count is then known without reading the mask (no data-dependent control flow under ``torch.compile``).
         Otherwise any mask with the same visible count in every row is accepted.
 
-        Returns (loss, pred (V*B, L, 16*16*3), mask (V*B, L) bool), views view-major (row k*B + b is view k of
+        Returns a :class:`MAEOutput`: the named losses (``loss_rec``, and ``loss_mimic_<teacher>`` with
+        ``mimic``), pred (V*B, L, 16*16*3) and mask (V*B, L) bool, views view-major (row k*B + b is view k of
         image b; V = 1 for block-wise masking).
         """
         block_mask = self.block_mask(imgs, mask, generator, from_ratio)
         views = imgs.repeat(self.num_views, 1, 1, 1) if self.num_views > 1 else imgs  # the sparse path reads
         latent = self.forward_encoder(views, block_mask)  # each position of each image once
         pred = self.forward_decoder(latent, block_mask)
-        return self.forward_loss(imgs, pred, block_mask.mask), pred, block_mask.mask
+        losses = {RECONSTRUCTION_LOSS: self.forward_loss(imgs, pred, block_mask.mask)}
+        if self.teachers:
+            losses.update(self.mimic_losses(imgs, latent, block_mask))
+        return MAEOutput(losses, pred, block_mask.mask)
 
     def forward(self, inputs: Tensor, data_samples: Optional[List] = None,
                 mode: str = 'tensor') -> Union[Dict[str, Tensor], Tensor, List]:
-        """mmengine entry point: ``loss`` -> dict(loss=...), ``tensor``/``predict`` -> (pred, mask).
+        """mmengine entry point: ``loss`` -> the named losses (:attr:`MAEOutput.losses`, which mmengine logs
+        term by term and sums), ``tensor``/``predict`` -> (pred, mask).
 
         inputs (B, 3, H, W); data_samples: per-sample masks (``.mask`` (L,) bool, or (V, L) with complementary
         masking, drawn by the pipeline's ``RandomBlockMask``) when present, else the masks are drawn here.
         """
-        loss, pred, mask = self.forward_mae(inputs, batch_masks(data_samples), from_ratio=True)
+        out = self.forward_mae(inputs, batch_masks(data_samples), from_ratio=True)
         if mode == 'loss':
-            return dict(loss=loss)
+            return out.losses
         if mode in ('tensor', 'predict'):
-            return pred, mask
+            return out.pred, out.mask
         raise ValueError(f"mode must be 'loss', 'tensor' or 'predict', got {mode!r}")

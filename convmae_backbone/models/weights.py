@@ -32,14 +32,30 @@ STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
 ENCODER_PREFIXES = ('backbone.bottom_up.', 'backbone.net.', 'backbone.')
 # Buffers of official checkpoints that the model recomputes.
 RECOMPUTED_BUFFERS = ('relative_position_index',)
-#: The modules a pretraining checkpoint holds on top of the encoder (``ConvMAEPretrainer``'s fusion, final norm and
-#: decoder): skipped with one log line when weights are loaded into an encoder.
-PRETRAINING_ONLY = ('stage1_output_decode', 'stage2_output_decode', 'norm', 'decoder_embed', 'mask_token',
-                    'decoder_pos_embed', 'decoder_blocks', 'decoder_norm', 'decoder_pred')
+#: What a pretraining checkpoint holds on top of the encoder, defined once. ``PRETRAINING_DECODER``: the final norm
+#: and the MAE decoder, in every pretraining checkpoint. ``PRETRAINING_OPTIONAL``: the multi-scale fusion (absent
+#: with ``multiscale_fusion=False``) and the feature-mimicking heads (present with ``mimic``).
+PRETRAINING_DECODER = ('norm', 'decoder_embed', 'mask_token', 'decoder_pos_embed', 'decoder_blocks', 'decoder_norm',
+                       'decoder_pred')
+PRETRAINING_OPTIONAL = ('stage1_output_decode', 'stage2_output_decode', 'mimic_heads')
+#: Every module a pretraining checkpoint may hold on top of the encoder: skipped with one log line when weights
+#: are loaded into an encoder.
+PRETRAINING_ONLY = PRETRAINING_DECODER + PRETRAINING_OPTIONAL
 #: The keys of a ``Pretrained`` init_cfg: mmengine's ``PretrainedInit`` ones and ``min_loaded`` (the least
 #: fraction of the encoder's tensors the checkpoint must fill; 0.0 accepts any checkpoint with a ConvMAE key).
 PRETRAINED_KEYS = ('type', 'checkpoint', 'prefix', 'map_location', 'min_loaded')
 MIN_LOADED = 0.5
+
+
+def is_pretraining_only(key: str) -> bool:
+    """Whether a weight key (relative to the model) belongs to a module of :data:`PRETRAINING_ONLY`."""
+    return key.split('.', 1)[0] in PRETRAINING_ONLY
+
+
+def holds_decoder(keys: Iterable[str]) -> bool:
+    """Whether weight keys (relative to the model) hold every module of :data:`PRETRAINING_DECODER` (then, with
+    an encoder, they are a pretraining model; the :data:`PRETRAINING_OPTIONAL` modules may be absent)."""
+    return set(PRETRAINING_DECODER) <= {k.split('.', 1)[0] for k in keys}
 
 
 def extract_state_dict(ckpt: Any, prefix: Optional[str] = None, source: str = 'checkpoint') -> Dict[str, Tensor]:
@@ -212,7 +228,7 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
             raise CheckpointError(f'{checkpoint}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, model '
                                   f'{tuple(own[k].shape)} (a different architecture?)')
     extra = [k for k in state if k not in own]
-    ignored = [k for k in extra if k.split('.', 1)[0] in PRETRAINING_ONLY]
+    ignored = [k for k in extra if is_pretraining_only(k)]
     unexpected = [k for k in extra if k not in ignored]
     to_load = OrderedDict((k, v) for k, v in state.items() if k in own)
     encoder = [k for k in own if model.stage_of(k) is not None]
