@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..registry import register
 from .attention import TransformerBlock
 from .convvit import ConvViT
-from .masking import BlockMask, batch_masks, check_mask_ratio, mask_strategy, num_visible_tokens
+from .masking import MASKINGS, BlockMask, batch_masks, check_mask_ratio, mask_strategy, num_visible_tokens
 from .mimic import Teacher, build_teachers, distance
 from .sparse_conv import conv_as_linear
 from .utils import get_2d_sincos_pos_embed, norm_pix, patchify
@@ -186,8 +186,7 @@ class ConvMAEPretrainer(ConvViT, BaseModel):
         b, num_tokens = imgs.shape[0], grid[0] * grid[1]
         num_visible = num_visible_tokens(num_tokens, self.mask_ratio)
         if mask is None:
-            masks = mask_strategy(self.masking, self.mask_ratio).draw(b, num_tokens, self.mask_ratio, imgs.device,
-                                                                      generator)
+            masks = MASKINGS[self.masking].draw(b, num_tokens, self.mask_ratio, imgs.device, generator)
             if self.num_views == 1:
                 return BlockMask(masks, grid, num_visible)
             return BlockMask.from_views(masks, grid, num_visible)

@@ -243,7 +243,7 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
     if recomputed:
         print_log(f'dropped {len(recomputed)} relative_position_index buffers (recomputed)', logger='current')
     if ignored:
-        print_log(f'ignored {len(ignored)} pretraining-only keys (decoder, fusion, final norm)', logger='current')
+        print_log(f'ignored {len(ignored)} pretraining-only keys (decoder, fusion, final norm, mimic heads)', logger='current')
     if unexpected:
         print_log(f'unexpected keys in {checkpoint}: {unexpected}', logger='current', level=logging.WARNING)
     if missing:
