@@ -133,7 +133,7 @@ class TarShardDataset(SeededDataset):
         self.shards = [s if osp.isabs(s) or '://' in s or not data_root else osp.join(data_root, s)
                        for s in expand_shards(shards)]
         if not self.shards:
-            raise ValueError('TarShardDataset needs at least one shard')
+            raise ShardError('TarShardDataset needs at least one shard')
         self.backend_args = backend_args
         self.cache_dir = cache_dir or osp.join(osp.expanduser('~'), '.cache', 'convmae_backbone', 'shards')
         self._fds: Dict[str, int] = {}
@@ -196,7 +196,7 @@ class TarShardDataset(SeededDataset):
             if not images:
                 raise ShardError(f'shard {shard!r} could not be read as a tar file ({type(exc).__name__}: '
                                  f'{exc})') from None
-            print_log(f'shard {shard!r} is damaged after its first {len(images)} images ({type(exc).__name__}: '
+            print_log(f'shard {shard!r} is damaged after {len(images)} image member(s) ({type(exc).__name__}: '
                       f'{exc}); those are used', logger='current', level=logging.WARNING)
         return images
 
