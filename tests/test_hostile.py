@@ -512,7 +512,8 @@ def test_sparse_and_oversize_tar_members_are_skipped_with_a_warning(tmp_path):
 def test_damaged_shards_are_skipped_or_refused_naming_the_shard(tmp_path, capsys):
     """Garbage is refused naming the shard (tarfile's own error names nothing); a truncated shard keeps the
     members before the cut with a warning; a pax header claiming 10^12 bytes (MemoryError in tarfile) costs no
-    memory; ``tools/pretrain.py`` on garbage ends with one ``error:`` line naming the shard."""
+    memory; a shard cut after it was indexed skips the member it cuts; ``tools/pretrain.py`` on garbage ends with
+    one ``error:`` line naming the shard."""
     good = jpegs(tmp_path, 3)
     garbage = tmp_path / 'garbage.tar'
     garbage.write_bytes(np.random.default_rng(0).bytes(20000))
@@ -538,6 +539,14 @@ def test_damaged_shards_are_skipped_or_refused_naming_the_shard(tmp_path, capsys
             assert len(dataset) == count
             assert len(iterate(dataset, epochs=1)) == count
         assert any(f'shard {str(shard)!r} is damaged after {count} image member(s)' in m for m in warned), warned
+    later = tmp_path / 'cut_later.tar'  # whole when indexed, cut inside its last member afterwards
+    later.write_bytes(whole)
+    with logged_warnings() as warned:
+        dataset = DATASETS.build(dict(type='TarShardDataset', shards=str(later), pipeline=DATA_PIPELINE))
+        later.write_bytes(whole[:len(whole) - 1024 - (-len(good[2]) % 512) - 100])  # its last 100 bytes cut
+        assert len(iterate(dataset, epochs=1)) == 3
+    assert [m for m in warned if f'{later}/2.jpg' in m
+            and f'only {len(good[2]) - 100} of its {len(good[2])} bytes are in the shard' in m], warned
 
     extra = (f"train_dataloader['dataset'] = dict(_delete_=True, type='TarShardDataset', shards={str(garbage)!r}, "
              f"pipeline=train_pipeline)\n")

@@ -211,7 +211,11 @@ class TarShardDataset(SeededDataset):
     def get_data_info(self, idx: int) -> dict:
         info = super().get_data_info(idx)
         if info['img_error'] is None:
-            info['img_bytes'] = self._read(info['shard'], info['offset'], info['size'])
-            if len(info['img_bytes']) != info['size']:  # the shard was cut short since it was indexed
-                info['img_error'] = f'only {len(info["img_bytes"])} of its {info["size"]} bytes are in the shard'
+            try:
+                info['img_bytes'] = self._read(info['shard'], info['offset'], info['size'])
+            except OSError as exc:  # the shard went away or cannot be read since it was indexed
+                info['img_error'] = f'the shard could not be read ({type(exc).__name__}: {exc})'
+            else:
+                if len(info['img_bytes']) != info['size']:  # the shard was cut short since it was indexed
+                    info['img_error'] = f'only {len(info["img_bytes"])} of its {info["size"]} bytes are in the shard'
         return info
