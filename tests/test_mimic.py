@@ -196,7 +196,7 @@ model = dict(mimic=dict(teachers={TEACHERS!r}))
 '''
 
 
-def run(cmd, timeout: float = 300) -> str:
+def run(cmd, timeout: float = 600) -> str:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1', PYTHON=sys.executable,
                PORT=str(29500 + random.randrange(2000)))
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
