@@ -192,8 +192,8 @@ def test_knn_monitor_on_a_mimic_model_equals_the_plain_encoder(tmp_path):
 # --------------------------------------------------------------------------------------------- the tools
 MIMIC_EXTRA = f'''
 custom_imports = dict(imports=['convmae_backbone.testing'], allow_failed_imports=False)
-model = dict(mimic=dict(teachers={TEACHERS!r}))
-'''
+model = dict(img_size=32, **{TINY_ARCH!r}, mimic=dict(teachers={TEACHERS!r}))
+'''  # (a second `model =` in the file replaces the tiny one of write_tiny_config, so the tiny sizes are restated)
 
 
 def run(cmd, timeout: float = 600) -> str:
