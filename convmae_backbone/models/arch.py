@@ -11,6 +11,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from ..checkpoint import CheckpointError
+
 #: The :class:`ConvViT` keyword arguments that weight shapes fix, compared by :func:`check_arch`. ``img_size``
 #: is not among them (``pos_embed`` is resized to the model's grid on loading), nor ``num_heads``.
 SHAPE_FIELDS = ('in_channels', 'patch_sizes', 'embed_dims', 'depths', 'mlp_ratios', 'conv_kernel_size')
@@ -139,3 +141,42 @@ def check_arch(config: Mapping[str, object], inferred: Mapping[str, object], sou
     if differing:
         raise ValueError(f'the architecture in the config differs from the weights in {source}: '
                          + '; '.join(differing))
+
+
+def stored_elements(state: Mapping[str, Tensor], source: str) -> int:
+    """How many elements the tensors of ``state`` store, each storage counted once. Raises
+    :class:`CheckpointError` naming ``source`` and the first tensor whose shape claims more elements than its
+    storage holds (an expanded or self-overlapping view: a few stored bytes standing for a large tensor)."""
+    storages: Dict[int, int] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        storage = value.untyped_storage()
+        if value.numel() * value.element_size() > storage.nbytes():
+            raise CheckpointError(f'{source}: {key} of shape {tuple(value.shape)} is stored in {storage.nbytes()} '
+                                  f'bytes (an expanded view); weights must be stored whole')
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes() //
+                                           value.element_size())
+    return sum(storages.values())
+
+
+def parameter_floor(fields: Mapping[str, object]) -> int:
+    """At least how many weights an encoder of ``fields`` (:func:`infer_arch`'s, or a config's resolved
+    :data:`ARCH_FIELDS` with ``img_size``) holds: the two linear layers of every block's MLP and the
+    position embedding of the ``img_size`` grid."""
+    dims = [int(d) for d in _per_stage(fields['embed_dims'])]
+    hidden = [int(d * r) for d, r in zip(dims, _per_stage(fields['mlp_ratios']))]
+    mlps = sum(2 * d * h * int(n) for d, h, n in zip(dims, hidden, _per_stage(fields['depths'])))
+    img = _per_stage(fields.get('img_size', 0))
+    stride = math.prod(int(p) for p in _per_stage(fields['patch_sizes']))
+    return mlps + (int(img[0]) // stride) * (int(img[1]) // stride) * dims[2]
+
+
+def check_weights_fill(floor: int, state: Mapping[str, Tensor], source: str, what: str) -> None:
+    """Before a model of at least ``floor`` weights (``what``, e.g. the sizes a checkpoint's shapes claim) is
+    built, raise :class:`CheckpointError` naming ``source`` unless the tensors of ``state`` store that many
+    (:func:`stored_elements`): a small file cannot make a large model."""
+    stored = stored_elements(state, source)
+    if stored < floor:
+        raise CheckpointError(f'{source}: {what} needs at least {floor} weights, its tensors store {stored}; '
+                              f'refused before building it')

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register
-from .arch import check_arch, infer_arch
+from .arch import check_arch, check_weights_fill, infer_arch, parameter_floor
 from .convvit import ConvViT
 from .weights import pretrained_state, split_init_cfg
 
@@ -88,6 +88,8 @@ class ConvMAE(ConvViT):
                              f"checkpoint=...), got init_cfg={kwargs.get('init_cfg')!r}")
         state = pretrained_state(pretrained[0])
         inferred = infer_arch(state, kwargs.get('num_heads'))
+        check_weights_fill(parameter_floor(inferred), state, pretrained[0]['checkpoint'],
+                           f'the encoder its shapes claim ({", ".join(f"{k}={v}" for k, v in inferred.items())})')
         check_arch(kwargs, inferred, pretrained[0]['checkpoint'])
         return {**inferred, **kwargs}, state
 
