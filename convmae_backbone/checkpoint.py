@@ -130,10 +130,15 @@ def pickle_globals(path: str, source: Optional[str] = None) -> List[str]:
                     _scan_pickle(stream, found)
         else:
             with open(path, 'rb') as f:
-                for _ in range(5):  # a legacy torch file has 5 pickles; a plain pickle has one, then EOF
+                for i in range(5):  # a legacy torch file has 5 pickles; a plain pickle has one, then EOF
                     if not f.peek(1)[:1]:
                         break
-                    _scan_pickle(f, found)
+                    try:
+                        _scan_pickle(f, found)
+                    except Exception:  # noqa: BLE001 - after a complete pickle: torch reads (and fails) there too
+                        if i == 0:
+                            raise
+                        break
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - zipfile and pickletools fail in many ways on damaged data
@@ -395,8 +400,11 @@ def plain_data(obj: Any, source: str) -> Any:
                 if type(k) not in _LEAVES:
                     refuse(path, f'a key that is {_type_name(k)} is not allowed')
                 o[k] = walk(o[k], f'{path}.{k}' if path else str(k), depth + 1)
-            if t is OrderedDict and vars(o):  # torch's state dicts carry _metadata
-                walk(dict(vars(o)), f'{path}.<attributes>', depth + 1)
+            if t is OrderedDict and vars(o):  # torch's state dicts carry _metadata (a dict), nothing else
+                if set(vars(o)) != {'_metadata'} or type(o._metadata) not in (dict, OrderedDict):
+                    refuse(path, f'attributes {sorted(vars(o))[:5]} of an OrderedDict are not allowed (a state '
+                                 f'dict has a _metadata dict)')
+                walk(o._metadata, f'{path}._metadata', depth + 1)
             result = o
         elif t is list:
             for i, item in enumerate(o):
