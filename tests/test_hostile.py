@@ -561,7 +561,7 @@ def test_damaged_shards_are_skipped_or_refused_naming_the_shard(tmp_path, capsys
 
 def test_symlink_loops_in_an_image_folder_end_with_a_warning(tmp_path):
     """A folder holding a link to itself and a sub-folder linking back to it: walked without a visited set, the
-    paths double at every level (cut off here after 2000 folders); listed in a subprocess (60 s limit), each
+    paths double at every level (cut off here after 2000 folders); listed in a subprocess (600 s limit), each
     folder once with a warning naming each loop, and a dataset on it iterates."""
     root = tmp_path / 'loop' / 'train'
     (root / 'a').mkdir(parents=True)
