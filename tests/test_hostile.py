@@ -407,3 +407,74 @@ def test_test_tool_refuses_a_checkpoint_that_leaves_most_of_the_model_unloaded(t
     torch.save({'state_dict': trained}, full)
     runner = cli.evaluate([str(config), str(full), '--work-dir', str(tmp_path / 'work')])
     assert all(torch.equal(v, trained[k]) for k, v in runner.model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ detectron2's face
+def _d2_model():
+    """A tiny detectron2 detector with a ConvMAE encoder (the yacs builder), and the module that defines it."""
+    d2 = pytest.importorskip('detectron2')  # built by `make install` (tools/install_detectron2.sh)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from convmae_backbone.detectron2 import add_convmae_config
+    cfg = add_convmae_config(get_cfg())
+    cfg.MODEL.DEVICE = 'cpu'
+    cfg.MODEL.BACKBONE.NAME = 'build_convmae_vitdet_backbone'
+    cfg.MODEL.CONVMAE.merge_from_list(['IMG_SIZE', 32, 'EMBED_DIM', list(ENCODER['embed_dims']),
+                                       'DEPTH', list(ENCODER['depths']), 'NUM_HEADS', ENCODER['num_heads'],
+                                       'WINDOW_SIZE', 0])
+    return build_model(cfg), d2
+
+
+@pytest.mark.parametrize('payload', PAYLOADS)
+@pytest.mark.parametrize('form', ['pth-meta', 'pth-weights', 'legacy', 'pkl-opcodes', 'pkl-4'])
+def test_detection_checkpointer_refuses(tmp_path, payload, form):
+    """``DetectionCheckpointer(model).load`` (behind ``train.init_checkpoint`` and ``resume_or_load``) reads
+    ``.pth`` through safe_torch_load and ``.pkl`` through the numpy-weights unpickler: nothing runs."""
+    model, _ = _d2_model()
+    from detectron2.checkpoint import DetectionCheckpointer
+    if form.startswith('pkl'):
+        make, name = PAYLOADS[payload]
+        marker, path = tmp_path / 'marker', tmp_path / 'model_final.pkl'
+        if form == 'pkl-opcodes':
+            path.write_bytes(opcode_pickle(marker))
+            name = 'builtins.exec'
+        else:
+            path.write_bytes(pickle.dumps({'model': {'w': make(marker)}, '__author__': 'x'}, protocol=4))
+    else:
+        path, marker, name = write_hostile(tmp_path, payload, 'weights' if form == 'pth-weights' else 'meta',
+                                           legacy=form == 'legacy')
+    with pytest.raises(CheckpointError) as exc:
+        DetectionCheckpointer(model).load(str(path))
+    assert_refused(exc, path, name, marker)
+
+
+@pytest.mark.parametrize('how', ['init_checkpoint', 'resume', 'eval-only'])
+def test_d2_train_refuses(tmp_path, how):
+    """tools/d2_train.py: ``train.init_checkpoint=`` (train and --eval-only) and ``--resume`` from a hostile
+    last checkpoint end with one ``error:`` line naming the file, and nothing runs."""
+    pytest.importorskip('detectron2')
+    from convmae_backbone.testing import child_env, write_coco_dataset, write_tiny_detectron2_config
+    data = write_coco_dataset(str(tmp_path / 'coco'), num_train=2, num_val=1, size=(64, 64))
+    config = write_tiny_detectron2_config(str(tmp_path / 'tiny.py'), 'hostile_train', 'hostile_val')
+    path, marker, name = write_hostile(tmp_path, 'torch_exec_with_source', 'meta')
+    out = tmp_path / 'out'
+    opts = [f'train.output_dir={out}']
+    if how == 'resume':
+        out.mkdir()
+        (out / 'last_checkpoint').write_text(path.name)
+        (out / path.name).write_bytes(path.read_bytes())
+        path = out / path.name
+    else:
+        opts.append(f'train.init_checkpoint={path}')
+    args = {'init_checkpoint': [], 'resume': ['--resume'], 'eval-only': ['--eval-only']}[how]
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'd2_train.py'), '--config-file', config, *args,
+                           '--register-coco', 'hostile_train', f'{data}/annotations/instances_train.json',
+                           f'{data}/train', '--register-coco', 'hostile_val',
+                           f'{data}/annotations/instances_val.json', f'{data}/val', *opts],
+                          capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and path.name in last and name in last, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert not marker.exists()
