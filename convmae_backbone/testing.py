@@ -358,6 +358,7 @@ _TINY_D2_CONFIG = """\
 import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.config import LazyConfig
+from detectron2.layers import ShapeSpec
 
 _base = LazyConfig.load({base!r})
 model, dataloader, optimizer, lr_multiplier, train = (_base.model, _base.dataloader, _base.optimizer,
@@ -367,6 +368,7 @@ model.backbone.square_pad = {size}
 model.proposal_generator.update(pre_nms_topk=(200, 100), post_nms_topk=(100, 50), batch_size_per_image=64)
 model.roi_heads.update(num_classes={num_classes}, batch_size_per_image=32)
 model.roi_heads.box_head.update(conv_dims=[16], fc_dims=[32])
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=32)
 model.roi_heads.mask_head.conv_dims = [16]
 dataloader.train.dataset.names = {train_set!r}
 dataloader.test.dataset.names = {test_set!r}
