@@ -411,19 +411,18 @@ def test_test_tool_refuses_a_checkpoint_that_leaves_most_of_the_model_unloaded(t
 
 # ------------------------------------------------------------------------------------------ detectron2's face
 def _d2_model():
-    """A tiny detectron2 detector with a ConvMAE encoder (the yacs builder), and the module that defines it."""
+    """A tiny detectron2 backbone with a ConvMAE encoder (the yacs builder), and the detectron2 module."""
     d2 = pytest.importorskip('detectron2')  # built by `make install` (tools/install_detectron2.sh)
     from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
+    from detectron2.modeling import build_backbone
 
     from convmae_backbone.detectron2 import add_convmae_config
     cfg = add_convmae_config(get_cfg())
-    cfg.MODEL.DEVICE = 'cpu'
-    cfg.MODEL.BACKBONE.NAME = 'build_convmae_vitdet_backbone'
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
     cfg.MODEL.CONVMAE.merge_from_list(['IMG_SIZE', 32, 'EMBED_DIM', list(ENCODER['embed_dims']),
                                        'DEPTH', list(ENCODER['depths']), 'NUM_HEADS', ENCODER['num_heads'],
                                        'WINDOW_SIZE', 0])
-    return build_model(cfg), d2
+    return build_backbone(cfg), d2
 
 
 @pytest.mark.parametrize('payload', PAYLOADS)
