@@ -348,7 +348,6 @@ def tiny_seg_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
     return cfg
 
 
-
 #: The tiny encoder as the official ViTDet-style ``ConvViT`` arguments (windows of 2 tokens in block 0).
 TINY_D2_NET = dict(img_size=TINY_BACKBONE['img_size'], embed_dim=TINY_ENCODER['embed_dims'],
                    depth=TINY_ENCODER['depths'], num_heads=TINY_ENCODER['num_heads'], window_size=2,

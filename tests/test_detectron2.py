@@ -25,7 +25,8 @@ from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
 from detectron2.layers import ShapeSpec  # noqa: E402
 from detectron2.modeling import FPN, build_backbone  # noqa: E402
 from detectron2.modeling.backbone.vit import SimpleFeaturePyramid  # noqa: E402
-from detectron2.structures import Boxes, ImageList, Instances  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, ImageList, Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
 
 from convmae_backbone import ConvMAEPretrainer  # noqa: E402
 from convmae_backbone.detectron2 import (ConvViT, ConvViTDet, add_convmae_config, get_vit_lr_decay_rate,  # noqa: E402
@@ -308,6 +309,35 @@ def test_lsj_postprocess_scales_both_axes_by_one_factor():
     assert out.image_size == (200, 100)
     s = 200 / 1024
     assert torch.allclose(out.pred_boxes.tensor, torch.tensor([[100 * s, 200 * s, min(300 * s, 100), 600 * s]]))
+
+
+def test_fpn_detector_trains_and_maps_detections_back_as_lsj(det_fixture):
+    """The FPN config's meta-architecture (official ``GeneralizedRCNNImageListForward``): the backbone receives
+    the ImageList; training returns the Mask R-CNN losses; inference returns detections at each image's
+    original size."""
+    cfg = LazyConfig.load(str(DET))
+    c = det_fixture['config']
+    cfg.model.backbone.bottom_up.update(img_size=c['img_size'], embed_dim=c['embed_dims'], depth=c['depths'],
+                                        num_heads=c['num_heads'], window_size=c['window_size'], drop_path_rate=0.0)
+    cfg.model.proposal_generator.update(pre_nms_topk=(50, 50), post_nms_topk=(20, 20), batch_size_per_image=32)
+    cfg.model.roi_heads.update(num_classes=2, batch_size_per_image=8)
+    cfg.model.roi_heads.box_head.update(conv_dims=[8], fc_dims=[16])
+    cfg.model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=16)
+    cfg.model.roi_heads.mask_head.conv_dims = [8]
+    model = instantiate(cfg.model)
+    seen = []
+    model.backbone.bottom_up.register_forward_pre_hook(lambda m, args: seen.append(type(args[0])))
+    image = torch.randint(0, 255, (3, 128, 96), dtype=torch.uint8)
+    gt = Instances((128, 96), gt_boxes=Boxes(torch.tensor([[10.0, 20.0, 60.0, 90.0]])),
+                   gt_classes=torch.tensor([1]))
+    gt.gt_masks = BitMasks(torch.zeros(1, 128, 96, dtype=torch.bool))
+    with EventStorage():  # where detectron2's trainer runs the model
+        losses = model.train()([{'image': image, 'instances': gt}])
+    assert set(losses) == {'loss_cls', 'loss_box_reg', 'loss_mask', 'loss_rpn_cls', 'loss_rpn_loc'}
+    assert seen == [ImageList]
+    with torch.no_grad():
+        (out,) = model.eval()([{'image': image, 'height': 256, 'width': 192}])
+    assert out['instances'].image_size == (256, 192)
 
 
 def test_layer_decay_rule():

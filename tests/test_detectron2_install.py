@@ -20,7 +20,8 @@ def test_without_detectron2_the_rest_works_and_the_face_says_what_to_install():
 import torch
 import convmae_backbone, mmdet.registry, mmseg, mmpretrain
 from convmae_backbone import ConvMAE
-print(tuple(ConvMAE(img_size=32, embed_dims=(8, 16, 32), depths=(1, 1, 1), num_heads=2)(torch.zeros(1, 3, 32, 32))[2].shape))
+model = ConvMAE(img_size=32, embed_dims=(8, 16, 32), depths=(1, 1, 1), num_heads=2)
+print(tuple(model(torch.zeros(1, 3, 32, 32))[2].shape))
 try:
     import convmae_backbone.detectron2
 except ImportError as exc:

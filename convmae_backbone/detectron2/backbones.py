@@ -13,7 +13,6 @@ import re
 from functools import partial
 from typing import Callable, Dict, Optional, Sequence, Union
 
-import torch
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone

@@ -123,4 +123,3 @@ def register_safe_detectron2_checkpointer() -> None:
     DetectionCheckpointer._torch_load = _safe_torch_load
     DetectionCheckpointer._load_model = _resizing_load_model
     DetectionCheckpointer.save = _atomic_save
-
