@@ -22,7 +22,7 @@ DEPENDENCIES=("fvcore>=0.1.5,<0.1.6" "iopath>=0.1.7,<0.1.10" "omegaconf>=2.1,<2.
   tensorboard black packaging)
 
 # shellcheck source=tools/install_mmcv.sh
-source "$(dirname "${BASH_SOURCE[0]}")/install_mmcv.sh"  # defines cuda_ops_decision and find_nvcc only
+source "$(dirname "${BASH_SOURCE[0]}")/install_mmcv.sh"  # defines cuda_ops_decision, find_nvcc, wheel_tag
 log() { echo "[install_detectron2] $*" >&2; }
 
 main() {
@@ -37,9 +37,7 @@ main() {
   read -r torch_version torch_cuda gpu < <("$PY" -c \
     'import torch; print(torch.__version__, torch.version.cuda or "None", int(torch.cuda.is_available()))')
   ops=$(cuda_ops_decision "$torch_cuda" "$gpu")
-  local tag=${torch_version//+/_}
-  if [ "$ops" = cuda ]; then tag="$tag-cu${torch_cuda//./}"; else tag="$tag-cpu"; fi
-  WHEEL_DIR="$CACHE/detectron2-${DETECTRON2_COMMIT:0:7}-torch$tag"
+  WHEEL_DIR="$CACHE/detectron2-${DETECTRON2_COMMIT:0:7}-torch$(wheel_tag "$torch_version" "$torch_cuda" "$ops")"
   if [ "$dry_run" = 1 ]; then
     echo "src=$DETECTRON2_SRC ops=$ops wheel_dir=$WHEEL_DIR"
     return 0
