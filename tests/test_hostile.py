@@ -801,6 +801,76 @@ def test_resume_refuses_what_it_cannot_resume_with_one_error_line(tmp_path, pret
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: ') and 'bad.pth' in err[0], err
     assert re.search(refusal, err[0]), err[0]
+# ------------------------------------------------------------------------------------------ detectron2's face
+def _d2_model():
+    """A tiny detectron2 backbone with a ConvMAE encoder (the yacs builder), and the detectron2 module."""
+    d2 = pytest.importorskip('detectron2')  # built by `make install` (tools/install_detectron2.sh)
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    from convmae_backbone.detectron2 import add_convmae_config
+    cfg = add_convmae_config(get_cfg())
+    cfg.MODEL.FPN.OUT_CHANNELS = 16
+    cfg.MODEL.CONVMAE.merge_from_list(['IMG_SIZE', 32, 'EMBED_DIM', list(ENCODER['embed_dims']),
+                                       'DEPTH', list(ENCODER['depths']), 'NUM_HEADS', ENCODER['num_heads'],
+                                       'WINDOW_SIZE', 0])
+    return build_backbone(cfg), d2
+
+
+@pytest.mark.parametrize('payload', PAYLOADS)
+@pytest.mark.parametrize('form', ['pth-meta', 'pth-weights', 'legacy', 'pkl-opcodes', 'pkl-4'])
+def test_detection_checkpointer_refuses(tmp_path, payload, form):
+    """``DetectionCheckpointer(model).load`` (behind ``train.init_checkpoint`` and ``resume_or_load``) reads
+    ``.pth`` through safe_torch_load and ``.pkl`` through the numpy-weights unpickler: nothing runs."""
+    model, _ = _d2_model()
+    from detectron2.checkpoint import DetectionCheckpointer
+    if form.startswith('pkl'):
+        make, name = PAYLOADS[payload]
+        marker, path = tmp_path / 'marker', tmp_path / 'model_final.pkl'
+        if form == 'pkl-opcodes':
+            path.write_bytes(opcode_pickle(marker))
+            name = 'builtins.exec'
+        else:
+            path.write_bytes(pickle.dumps({'model': {'w': make(marker)}, '__author__': 'x'}, protocol=4))
+    else:
+        path, marker, name = write_hostile(tmp_path, payload, 'weights' if form == 'pth-weights' else 'meta',
+                                           legacy=form == 'legacy')
+    with pytest.raises(CheckpointError) as exc:
+        DetectionCheckpointer(model).load(str(path))
+    assert_refused(exc, path, name, marker)
+
+
+@pytest.mark.parametrize('how', ['init_checkpoint', 'resume', 'eval-only'])
+def test_d2_train_refuses(tmp_path, how):
+    """tools/d2_train.py: ``train.init_checkpoint=`` (train and --eval-only) and ``--resume`` from a hostile
+    last checkpoint end with one ``error:`` line naming the file, and nothing runs."""
+    pytest.importorskip('detectron2')
+    from convmae_backbone.testing import child_env, write_coco_dataset, write_tiny_detectron2_config
+    data = write_coco_dataset(str(tmp_path / 'coco'), num_train=2, num_val=1, size=(64, 64))
+    config = write_tiny_detectron2_config(str(tmp_path / 'tiny.py'), 'hostile_train', 'hostile_val')
+    path, marker, name = write_hostile(tmp_path, 'torch_exec_with_source', 'meta')
+    out = tmp_path / 'out'
+    opts = [f'train.output_dir={out}']
+    if how == 'resume':
+        out.mkdir()
+        (out / 'last_checkpoint').write_text(path.name)
+        (out / path.name).write_bytes(path.read_bytes())
+        path = out / path.name
+    else:
+        opts.append(f'train.init_checkpoint={path}')
+    args = {'init_checkpoint': [], 'resume': ['--resume'], 'eval-only': ['--eval-only']}[how]
+    proc = subprocess.run([sys.executable, str(ROOT / 'tools' / 'd2_train.py'), '--config-file', config, *args,
+                           '--register-coco', 'hostile_train', f'{data}/annotations/instances_train.json',
+                           f'{data}/train', '--register-coco', 'hostile_val',
+                           f'{data}/annotations/instances_val.json', f'{data}/val', *opts],
+                          capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and path.name in last and name in last, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert not marker.exists()
+
+
 # =====================================================================================================================
 # Hostile data (issue 28, data part): tar shards, image folders, images and download URLs made here. Each is shown
 # live (what the unguarded way does), then skipped with a warning while the iteration goes on, or refused naming
