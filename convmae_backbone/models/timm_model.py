@@ -167,11 +167,13 @@ class TimmConvMAE(ConvMAE):
 
 
 def _cfg(**kwargs) -> dict:
-    """timm's pretrained config: ImageNet evaluation as officially (224, resize 256 bicubic, centre crop),
-    weights only from a file given by the user (``custom_load``: :meth:`TimmConvMAE.load_pretrained`)."""
+    """timm's pretrained config: ImageNet evaluation as officially (224, resize 256 bicubic, centre crop), the
+    stage-3 grid (``pool_size``) and least input (``min_input_size``) of ConvMAE-Base's stride 16, weights only
+    from a file given by the user (``custom_load``: :meth:`TimmConvMAE.load_pretrained`)."""
     size, stride = 224, math.prod(ARCH_SETTINGS['base']['patch_sizes'])
+    least = MIN_POSITIONS * stride
     return {**dict(url='', num_classes=1000, input_size=(3, size, size), pool_size=(size // stride, size // stride),
-                   min_input_size=(3, MIN_POSITIONS * stride, MIN_POSITIONS * stride), crop_pct=0.875, interpolation='bicubic',
+                   min_input_size=(3, least, least), crop_pct=0.875, interpolation='bicubic',
                    mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='patch_embed1.proj',
                    classifier='head', custom_load=True, paper_ids='arXiv:2205.03892'), **kwargs}
 
