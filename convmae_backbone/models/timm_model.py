@@ -31,7 +31,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from .arch import ARCH_SETTINGS
-from .backbone import MIN_POSITIONS, ConvMAE
+from .backbone import MIN_POSITIONS, ConvMAE, crop_maps
 from .weights import load_pretrained
 
 #: ``global_pool`` values of :class:`TimmConvMAE`: the average over positions, or none (per-position head).
@@ -47,8 +47,7 @@ class StageMap(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor, hw: Tuple[int, int]) -> Tensor:
-        s = self.stride  # ceil as (h + s - 1) // s: see backbone.crop_maps
-        return x.permute(0, 3, 1, 2)[:, :, :(hw[0] + s - 1) // s, :(hw[1] + s - 1) // s]
+        return crop_maps((x.permute(0, 3, 1, 2),), (self.stride,), hw)[0]
 
     def extra_repr(self) -> str:
         return f'stride={self.stride}'
