@@ -561,7 +561,7 @@ def test_damaged_shards_are_skipped_or_refused_naming_the_shard(tmp_path, capsys
 
 def test_symlink_loops_in_an_image_folder_end_with_a_warning(tmp_path):
     """A folder holding a link to itself and a sub-folder linking back to it: walked without a visited set, the
-    paths double at every level (cut off here after 2000 folders); listed in a subprocess (60 s limit), each
+    paths double at every level (cut off here after 2000 folders); listed in a subprocess (600 s limit), each
     folder once with a warning naming each loop, and a dataset on it iterates."""
     root = tmp_path / 'loop' / 'train'
     (root / 'a').mkdir(parents=True)
@@ -572,7 +572,7 @@ def test_symlink_loops_in_an_image_folder_end_with_a_warning(tmp_path):
     assert walked == 2000
     proc = subprocess.run([sys.executable, '-c', 'import sys; from convmae_backbone.datasets import list_images; '
                            'print("listed", list_images(sys.argv[1]))', str(root)], capture_output=True, text=True,
-                          timeout=60, env=this_checkout_env())
+                          timeout=600, env=this_checkout_env())
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and f"listed [{str(root / 'a' / 'x.jpg')!r}]" in out, out[-3000:]
     for link in (root / 'self', root / 'a' / 'up'):
