@@ -10,6 +10,13 @@ from torch import Tensor
 from torch.compiler import is_exporting
 
 
+def is_traced(x: object) -> bool:
+    """Whether ``x`` is a ``torch.fx`` proxy (symbolic tracing: torchvision's ``create_feature_extractor``, timm's
+    FX features). Its shapes are then symbolic, so size-dependent shortcuts are not taken (as when exporting) and
+    only the dense, unmasked encoder is traced."""
+    return isinstance(x, torch.fx.Proxy)
+
+
 def get_2d_sincos_pos_embed(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
     """Fixed 2-D sin-cos position embedding, (1, h*w, embed_dim), tokens in raster order.
 
@@ -79,8 +86,9 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     """``F.linear(F.gelu(h), weight, bias)`` (exact GELU), the second half of every MLP of the encoder and the
     decoder. Under autograd only ``h`` is kept for the backward and the GELU is recomputed there
     (:class:`GeluLinear`): the MLPs then hold one hidden-size activation instead of two. Same values and
-    gradients (the same operations); without autograd or when exporting, the plain expression."""
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and not is_exporting():
+    gradients (the same operations); without autograd, when exporting or tracing, the plain expression."""
+    if (torch.is_grad_enabled() and not is_exporting() and not is_traced(h)
+            and (h.requires_grad or weight.requires_grad)):
         return GeluLinear.apply(h, weight, bias)
     return F.linear(F.gelu(h), weight, bias)
 
