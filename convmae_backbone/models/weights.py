@@ -10,7 +10,8 @@ and relative-position tables to the model's sizes (BEiT tables bicubically over 
 ``load_state_dict`` pre-hook of the encoder (:func:`resize_on_load`), so that every way of loading weights into
 it (``init_cfg``, mmengine's ``load_from``, a plain ``load_state_dict``) resizes; ``relative_position_index``
 buffers of official checkpoints are dropped (recomputed by the model); any other shape mismatch is an error
-naming the key.
+naming the key. ConvMAE-v2 checkpoints load too: their ``cls_token`` is skipped and the class-token row of their
+``pos_embed`` dropped (:data:`CLASS_TOKEN`).
 """
 import logging
 from collections import OrderedDict
