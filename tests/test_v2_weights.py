@@ -14,6 +14,7 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
+from torch import nn
 
 import convmae_backbone  # noqa: F401
 from convmae_backbone import ConvMAE, ConvViT, testing
@@ -161,13 +162,18 @@ def _build(scope: str, model_cfg):
     return model.eval()
 
 
+def _tiny_downstream(scope: str, tiny_config, size: str, v2_files, tmp_path, loads) -> nn.Module:
+    """The model of ``tiny_config`` (:mod:`convmae_backbone.testing`) built with the v2 file of ``size``, its
+    backbone checked (:func:`_check_loaded`)."""
+    path, state = v2_files[size]
+    model = _build(scope, tiny_config(str(tmp_path), str(tmp_path), _backbone(V2_SIZES[size]), checkpoint=path).model)
+    _check_loaded(model.backbone, state, V2_SIZES[size], loads)
+    return model
+
+
 @pytest.mark.parametrize('size', ['small', 'large'])
 def test_fpn_detector(size, v2_files, tmp_path, loads):
-    path, state = v2_files[size]
-    arch = V2_SIZES[size]
-    model = _build('mmdet', testing.tiny_det_config(str(tmp_path), str(tmp_path), _backbone(arch),
-                                                    checkpoint=path).model)
-    _check_loaded(model.backbone, state, arch, loads)
+    model = _tiny_downstream('mmdet', testing.tiny_det_config, size, v2_files, tmp_path, loads)
     with torch.no_grad():
         maps = model.backbone(torch.randn(1, 3, 64, 64))
     assert [m.shape[2] for m in maps] == [16, 8, 4, 2] and model.backbone.out_strides == (4, 8, 16, 32)
@@ -178,12 +184,9 @@ def test_fpn_detector(size, v2_files, tmp_path, loads):
 def test_vitdet_style_detector(size, v2_files, tmp_path, loads):
     """The ViTDet-style detector keeps the pretraining grid (pos_embed_grid) and reads the v2 table without its
     class-token row, as the official ViTDet backbone with pretrain_use_cls_token=True does."""
-    path, state = v2_files[size]
     arch = V2_SIZES[size]
-    model = _build('mmdet', testing.tiny_vitdet_config(str(tmp_path), str(tmp_path), _backbone(arch),
-                                                       checkpoint=path).model)
+    model = _tiny_downstream('mmdet', testing.tiny_vitdet_config, size, v2_files, tmp_path, loads)
     assert model.backbone.pos_grid == (arch['img_size'] // 16,) * 2
-    _check_loaded(model.backbone, state, arch, loads)
     with torch.no_grad():
         (h16,) = model.backbone(torch.randn(1, 3, 96, 96))
     assert h16.shape == (1, arch['embed_dims'][2], 6, 6)
@@ -192,11 +195,7 @@ def test_vitdet_style_detector(size, v2_files, tmp_path, loads):
 
 @pytest.mark.parametrize('size', list(V2_SIZES))
 def test_segmentor(size, v2_files, tmp_path, loads):
-    path, state = v2_files[size]
-    arch = V2_SIZES[size]
-    model = _build('mmseg', testing.tiny_seg_config(str(tmp_path), str(tmp_path), _backbone(arch),
-                                                    checkpoint=path).model)
-    _check_loaded(model.backbone, state, arch, loads)
+    model = _tiny_downstream('mmseg', testing.tiny_seg_config, size, v2_files, tmp_path, loads)
     with torch.no_grad():
         logits = model(torch.randn(1, 3, 64, 64), mode='tensor')
     assert logits.shape[:2] == (1, len(testing.SEG_CLASSES))
