@@ -312,8 +312,11 @@ def download(url: str) -> str:
     """The local copy of ``url`` in torch hub's checkpoint folder (``<hub dir>/checkpoints/<file name>``, where
     mmengine's and torch's own downloads go), downloaded if not there yet (by rank 0 first under DDP)."""
     folder = osp.join(torch.hub.get_dir(), 'checkpoints')
+    name = osp.basename(urlparse(url).path)
+    if name in ('', '.', '..'):  # 'checkpoints/..' would make torch write (and move) its .partial file outside
+        raise CheckpointError(f'checkpoint URL {url!r} does not end in a file name')
     os.makedirs(folder, exist_ok=True)
-    cached = osp.join(folder, osp.basename(urlparse(url).path))
+    cached = osp.join(folder, name)
     rank, world_size = get_dist_info()
     for turn in ((0,) if world_size == 1 else (0, 1)):
         if (rank == 0) == (turn == 0) and not osp.isfile(cached):

@@ -10,7 +10,7 @@ from mmengine.registry import DATASETS
 from PIL import Image
 
 import convmae_backbone  # noqa: F401  (registers the dataset and transforms)
-from convmae_backbone.datasets import LoadRGBImage, list_images, to_rgb8
+from convmae_backbone.datasets import LoadRGBImage, image_folder, list_images, to_rgb8
 
 PIPELINE = [dict(type='LoadRGBImage'), dict(type='MAERandomResizedCrop', size=32, scale=(0.2, 1.0)),
             dict(type='MAERandomFlip', prob=0.5), dict(type='PackMAEInputs')]
@@ -77,6 +77,33 @@ def test_modes_convert_to_rgb8(tmp_path, mode):
         assert np.abs(np.asarray(out)[..., 0].astype(int) - expected).max() <= 1
     sample = build(tmp_path)[0]
     assert sample['inputs'].shape == (3, 32, 32) and sample['inputs'].dtype == torch.uint8
+
+
+@pytest.mark.parametrize('mode', ['I;16', 'I', 'F'])
+def test_wide_grayscale_converts_in_bands_as_the_whole_image(monkeypatch, mode):
+    """16-bit, 32-bit and float grayscale is converted in bands of CONVERT_PIXELS pixels (4 bands of 7 rows here,
+    the last partial): the pixels of the whole-image float64 conversion (65535 -> 255, floats in [0, 1] -> 255)."""
+    monkeypatch.setattr(image_folder, 'CONVERT_PIXELS', 7 * 50)
+    rng = np.random.default_rng(0)
+    if mode == 'I;16':
+        values = rng.integers(0, 65536, (23, 50)).astype(np.uint16)
+    elif mode == 'I':
+        values = rng.integers(-1000, 70000, (23, 50)).astype(np.int32)  # beyond 0..65535: clipped
+    else:
+        values = rng.uniform(-0.1, 1.0, (23, 50)).astype(np.float32)
+        values[0, :4] = np.array([0.5, 1.5, 2.5, 254.5], np.float32) / 255  # (near) ties of the rounding
+    img = Image.fromarray(values)
+    assert img.mode == mode
+    whole = values.astype(np.float64)
+    if mode == 'I;16' or (mode == 'I' and whole.max() > 255):
+        whole = whole / 257.0
+    elif mode == 'F' and whole.max() <= 1.0:
+        whole = whole * 255.0
+    expected = np.clip(np.rint(whole), 0, 255).astype(np.uint8)
+    out = np.asarray(to_rgb8(img))
+    assert out.shape == (23, 50, 3) and out.dtype == np.uint8
+    assert all(np.array_equal(out[..., c], expected) for c in range(3))
+    assert len(np.unique(expected)) > 100  # the full range, not a constant
 
 
 class _Records(logging.Handler):

@@ -7,14 +7,20 @@ input, and config text in ``meta``. Each payload only creates a marker file. ``t
 every payload does create it when unpickled the unsafe way; every other test feeds the corpus to one loading path
 and asserts a ``CheckpointError`` naming the file and the global, no advice to load unsafely, and no marker.
 """
+import contextlib
+import itertools
+import logging
 import os
 import pickle
+import re
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import numpy.f2py.crackfortran as crackfortran
@@ -22,15 +28,19 @@ import numpy.testing._private.utils as numpy_testing_utils
 import pytest
 import torch
 import torch.fx.graph_module
-from helpers import ROOT, TINY_ARCH, load_tool, make_images, write_tiny_config
+from helpers import ROOT, TINY_ARCH, load_tool, make_images, serve_folder, write_tiny_config
 from mmengine.config import Config
-from mmengine.logging import HistoryBuffer
+from mmengine.dataset import pseudo_collate
+from mmengine.logging import HistoryBuffer, MMLogger
+from mmengine.registry import DATA_SAMPLERS, DATASETS
+from PIL import Image
 
 from convmae_backbone import ConvMAE, ConvMAEPretrainer
 from convmae_backbone.apis import cli, visualization
 from convmae_backbone.apis.convert import convert
 from convmae_backbone.apis.export import export_backbone
-from convmae_backbone.checkpoint import CheckpointError, safe_torch_load
+from convmae_backbone.checkpoint import CheckpointError, load_checkpoint, safe_torch_load
+from convmae_backbone.datasets.shards import ShardError
 from convmae_backbone.engine.hooks import NonFiniteLossHook
 
 ENCODER = {k: TINY_ARCH[k] for k in ('embed_dims', 'depths', 'num_heads')}
@@ -407,3 +417,232 @@ def test_test_tool_refuses_a_checkpoint_that_leaves_most_of_the_model_unloaded(t
     torch.save({'state_dict': trained}, full)
     runner = cli.evaluate([str(config), str(full), '--work-dir', str(tmp_path / 'work')])
     assert all(torch.equal(v, trained[k]) for k, v in runner.model.state_dict().items())
+
+
+# =====================================================================================================================
+# Hostile data (issue 28, data part): tar shards, image folders, images and download URLs made here. Each is shown
+# live (what the unguarded way does), then skipped with a warning while the iteration goes on, or refused naming
+# the file; nothing hangs, crashes or exceeds its stated memory bound.
+# =====================================================================================================================
+DATA_PIPELINE = [dict(type='DecodeRandomResizedCrop', size=32, scale=(0.2, 1.0)),
+                 dict(type='RandomBlockMask', input_size=32, patch_size=16, mask_ratio=0.75),
+                 dict(type='PackMAEInputs')]
+
+
+@contextlib.contextmanager
+def logged_warnings() -> Iterator[List[str]]:
+    """The warnings logged through mmengine's current logger while in the context."""
+    messages: List[str] = []
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Handler(logging.WARNING)
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def tar_member(name: str, data: bytes, claimed: Optional[int] = None, sparse: bool = False) -> bytes:
+    """One tar member (GNU header, then ``data`` padded to 512-byte blocks) whose header states ``claimed`` bytes
+    instead of ``len(data)``; ``sparse``: an old-GNU sparse header mapping ``data`` into a file of ``claimed``
+    bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data) if claimed is None or sparse else claimed, 0o644
+    header = bytearray(info.tobuf(format=tarfile.GNU_FORMAT))
+    if sparse:
+        header[156:157] = tarfile.GNUTYPE_SPARSE
+        header[386:410] = tarfile.itn(0, 12, tarfile.GNU_FORMAT) + tarfile.itn(len(data), 12, tarfile.GNU_FORMAT)
+        header[483:495] = tarfile.itn(claimed, 12, tarfile.GNU_FORMAT)
+        header[148:155] = b'%06o\0' % tarfile.calc_chksums(bytes(header))[0]
+    return bytes(header) + data + b'\0' * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def this_checkout_env() -> Dict[str, str]:
+    """The environment of a subprocess that imports this checkout's package."""
+    return {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])}
+
+
+def jpegs(tmp_path: Path, n: int) -> List[bytes]:
+    return [p.read_bytes() for p in sorted((make_images(tmp_path / 'jpegs', n=n) / 'train').rglob('*.jpg'))]
+
+
+def iterate(dataset, epochs: int = 2) -> List[torch.Tensor]:
+    """The inputs of every sample of ``epochs`` epochs (SeededSampler, a DataLoader without workers)."""
+    sampler = DATA_SAMPLERS.build(dict(type='SeededSampler', shuffle=True, seed=3), default_args=dict(dataset=dataset))
+    inputs = []
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, sampler=list(sampler), batch_size=2, collate_fn=pseudo_collate)
+        inputs += [x for batch in loader for x in batch['inputs']]
+    return inputs
+
+
+def test_sparse_and_oversize_tar_members_are_skipped_with_a_warning(tmp_path):
+    """Members whose headers claim 10^13 bytes (a sparse one, and a plain one the shard ends inside): reading
+    what they claim raises MemoryError; indexed as any member, each is skipped with a warning naming it when it is
+    read, and every sample of two epochs comes back (another image in their place)."""
+    good = jpegs(tmp_path, 3)
+    shard = tmp_path / 'hostile.tar'
+    shard.write_bytes(tar_member('0.jpg', good[0]) + tar_member('1.jpg', good[1][:100], 10 ** 13, sparse=True)
+                      + tar_member('2.jpg', good[2]) + tar_member('3.jpg', good[0][:1000], 10 ** 13))
+    with tarfile.open(shard) as tar:  # live: what a plain reader is told, and what reading it costs
+        members = [tar.next() for _ in range(4)]
+        assert members[1].issparse() and members[1].size == members[3].size == 10 ** 13
+        with pytest.raises(tarfile.ReadError, match='unexpected end of data'):
+            tar.next()
+    with open(shard, 'rb') as f, pytest.raises(MemoryError):
+        os.pread(f.fileno(), members[1].size, members[1].offset_data)
+    with logged_warnings() as warned:
+        dataset = DATASETS.build(dict(type='TarShardDataset', shards=str(shard), pipeline=DATA_PIPELINE))
+        assert len(dataset) == 4
+        inputs = iterate(dataset)
+    assert len(inputs) == 8 and all(x.shape == (3, 32, 32) for x in inputs)
+    assert any(f"shard {str(shard)!r} is damaged after 4 image member(s)" in m for m in warned), warned
+    skipped = [m for m in warned if m.startswith('skipped unreadable image')]
+    assert len(skipped) == 2, warned
+    assert f'{shard}/1.jpg' in skipped[0] + skipped[1] and 'sparse tar member' in skipped[0] + skipped[1]
+    assert f'{shard}/3.jpg' in skipped[0] + skipped[1] and 'run past the end of the shard' in skipped[0] + skipped[1]
+
+
+def test_damaged_shards_are_skipped_or_refused_naming_the_shard(tmp_path, capsys):
+    """Garbage is refused naming the shard (tarfile's own error names nothing); a truncated shard keeps the
+    members before the cut with a warning; a pax header claiming 10^12 bytes (MemoryError in tarfile) costs no
+    memory; a shard cut after it was indexed skips the member it cuts; ``tools/pretrain.py`` on garbage ends with
+    one ``error:`` line naming the shard."""
+    good = jpegs(tmp_path, 3)
+    garbage = tmp_path / 'garbage.tar'
+    garbage.write_bytes(np.random.default_rng(0).bytes(20000))
+    with pytest.raises(tarfile.ReadError) as raw:  # live: names no file
+        tarfile.open(garbage)
+    assert 'garbage' not in str(raw.value)
+    with pytest.raises(ShardError, match=re.escape(f'shard {str(garbage)!r} could not be read as a tar file')):
+        DATASETS.build(dict(type='TarShardDataset', shards=str(garbage), pipeline=DATA_PIPELINE))
+
+    whole = b''.join(tar_member(f'{i}.jpg', data) for i, data in enumerate(good)) + b'\0' * 1024
+    cut = tmp_path / 'cut.tar'
+    cut.write_bytes(whole[:len(tar_member('0.jpg', good[0])) + 700])  # inside the second member's data
+    pax = tarfile.TarInfo('././@PaxHeader')
+    pax.type, pax.size = tarfile.XHDTYPE, 10 ** 12
+    bomb = tmp_path / 'pax_bomb.tar'
+    bomb.write_bytes(tar_member('0.jpg', good[0]) + pax.tobuf(format=tarfile.GNU_FORMAT) + b'30 path=1.jpg\n'
+                     + b'\0' * 1000)
+    with pytest.raises(MemoryError), tarfile.open(bomb) as tar:  # live
+        tar.getmembers()
+    for shard, count in ((cut, 2), (bomb, 1)):
+        with logged_warnings() as warned:
+            dataset = DATASETS.build(dict(type='TarShardDataset', shards=str(shard), pipeline=DATA_PIPELINE))
+            assert len(dataset) == count
+            assert len(iterate(dataset, epochs=1)) == count
+        assert any(f'shard {str(shard)!r} is damaged after {count} image member(s)' in m for m in warned), warned
+    later = tmp_path / 'cut_later.tar'  # whole when indexed, cut inside its last member afterwards
+    later.write_bytes(whole)
+    with logged_warnings() as warned:
+        dataset = DATASETS.build(dict(type='TarShardDataset', shards=str(later), pipeline=DATA_PIPELINE))
+        later.write_bytes(whole[:len(whole) - 1024 - (-len(good[2]) % 512) - 100])  # its last 100 bytes cut
+        assert len(iterate(dataset, epochs=1)) == 3
+    assert [m for m in warned if f'{later}/2.jpg' in m
+            and f'only {len(good[2]) - 100} of its {len(good[2])} bytes are in the shard' in m], warned
+
+    extra = (f"train_dataloader['dataset'] = dict(_delete_=True, type='TarShardDataset', shards={str(garbage)!r}, "
+             f"pipeline=train_pipeline)\n")
+    config = write_tiny_config(tmp_path / 'shards.py', tmp_path, extra=extra)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_tool(lambda: cli.pretrain([str(config), '--work-dir', str(tmp_path / 'work')]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and 'Traceback' not in err[0], err
+    assert err[0].startswith(f'error: shard {str(garbage)!r} could not be read as a tar file')
+
+
+def test_symlink_loops_in_an_image_folder_end_with_a_warning(tmp_path):
+    """A folder holding a link to itself and a sub-folder linking back to it: walked without a visited set, the
+    paths double at every level (cut off here after 2000 folders); listed in a subprocess (60 s limit), each
+    folder once with a warning naming each loop, and a dataset on it iterates."""
+    root = tmp_path / 'loop' / 'train'
+    (root / 'a').mkdir(parents=True)
+    Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(root / 'a' / 'x.jpg')
+    os.symlink(root, root / 'self')
+    os.symlink('..', root / 'a' / 'up')
+    walked = sum(1 for _ in itertools.islice(os.walk(root, followlinks=True), 2000))  # live: no end in sight
+    assert walked == 2000
+    proc = subprocess.run([sys.executable, '-c', 'import sys; from convmae_backbone.datasets import list_images; '
+                           'print("listed", list_images(sys.argv[1]))', str(root)], capture_output=True, text=True,
+                          timeout=60, env=this_checkout_env())
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and f"listed [{str(root / 'a' / 'x.jpg')!r}]" in out, out[-3000:]
+    for link in (root / 'self', root / 'a' / 'up'):
+        assert f'skipped {str(link)!r}: it leads to {os.path.realpath(root)!r}, a folder already walked' in out, \
+            out[-3000:]
+    with logged_warnings() as warned:
+        dataset = DATASETS.build(dict(type='ImageFolderDataset', data_root=str(root.parent), pipeline=DATA_PIPELINE))
+        assert len(dataset) == 1 and len(iterate(dataset, epochs=1)) == 1
+    assert sum('a folder already walked' in m for m in warned) == 2, warned
+
+
+#: Bound on the memory of decoding an image to 8-bit RGB, in units of the 8-bit RGB array (H x W x 3 bytes):
+#: PIL's decoded source, the conversion and the array (the figures measured are in the README).
+DECODE_MEMORY_BOUND = 5.0
+
+_DECODE_MEMORY = '''
+import sys
+import numpy as np
+from PIL import Image
+sys.path.insert(0, sys.argv[3])
+from benchmark import cpu_live_step_mb  # the peak RSS of one call over the RSS before it, freed memory returned
+from convmae_backbone.datasets.decode import EncodedImage
+
+def old_way():  # the float64 conversion of before
+    with Image.open(sys.argv[1]) as img:
+        gray = np.clip(np.rint(np.asarray(img, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        np.array(Image.fromarray(gray).convert('RGB'))
+
+data = open(sys.argv[1], 'rb').read()
+EncodedImage(open(sys.argv[2], 'rb').read()).decode()  # warm-up: the PNG plugin, numpy's paths
+rgb = EncodedImage(data).decode()
+ours, old = cpu_live_step_mb(lambda: EncodedImage(data).decode()), cpu_live_step_mb(old_way)
+print(rgb.shape, rgb.dtype, ours / (rgb.nbytes / 2 ** 20), old / (rgb.nbytes / 2 ** 20))
+'''
+
+
+def test_sixteen_bit_png_decodes_within_a_small_multiple_of_the_8bit_image(tmp_path):
+    """A 2500 x 2500 16-bit PNG of ~100 KB: the memory decoding it to 8-bit RGB needs (peak RSS over the RSS
+    before, ``tools/benchmark.py``'s ``cpu_live_step_mb``, in a fresh process) stays within DECODE_MEMORY_BOUND
+    times the RGB array; the float64 conversion it replaces exceeds it."""
+    side = np.arange(2500, dtype=np.uint32)
+    Image.fromarray(((side[None, :] * 7 + side[:, None] * 13) % 65536).astype(np.uint16)).save(tmp_path / 'big16.png')
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / 'small16.png')
+    assert (tmp_path / 'big16.png').stat().st_size < 200_000
+    proc = subprocess.run([sys.executable, '-c', _DECODE_MEMORY, str(tmp_path / 'big16.png'),
+                           str(tmp_path / 'small16.png'), str(ROOT / 'tools')], capture_output=True, text=True,
+                          timeout=120, env=this_checkout_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shape, dtype, ours, old = proc.stdout.strip().splitlines()[-1].rsplit(' ', 3)
+    assert shape + dtype == '(2500, 2500, 3)uint8'
+    assert float(ours) <= DECODE_MEMORY_BOUND < float(old), proc.stdout
+
+
+def test_a_checkpoint_url_ending_in_dotdot_writes_nothing_outside_the_cache(tmp_path, monkeypatch):
+    """torch's download to ``<cache>/..`` leaves its ``.partial`` file in the folder above (live); our download
+    refuses a URL that ends in no file name, before any request."""
+    served = tmp_path / 'served'
+    (served / 'x').mkdir(parents=True)
+    torch.save({'state_dict': tiny_encoder_state()}, served / 'x' / 'w.pth')
+    hub = tmp_path / 'torch_home' / 'hub'
+    monkeypatch.setenv('TORCH_HOME', str(hub.parent))
+    with serve_folder(served) as url:
+        (hub / 'checkpoints').mkdir(parents=True)
+        torch.hub.download_url_to_file(f'{url}/x/w.pth', str(hub / 'checkpoints' / '..'), progress=False)
+        assert [p.name.endswith('.partial') for p in hub.iterdir() if p.is_file()] == [True]  # live
+        shutil.rmtree(hub)
+        for tail in ('x/..', 'x/.', 'x/'):
+            with pytest.raises(CheckpointError, match=re.escape(f"checkpoint URL '{url}/{tail}' does not end in a "
+                                                                f"file name")):
+                load_checkpoint(f'{url}/{tail}')
+        assert not hub.exists()
+        assert set(load_checkpoint(f'{url}/x/w.pth')['state_dict']) == set(tiny_encoder_state())
+    assert [p.relative_to(hub).as_posix() for p in hub.rglob('*') if p.is_file()] == ['checkpoints/w.pth']

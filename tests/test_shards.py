@@ -1,5 +1,6 @@
 """Tar shards: written from an image folder, read back as the same samples with the same crops, flips and masks
-for the same seed, in 1 process and split over 2 (gloo), through local paths and an mmengine file backend."""
+for the same seed, in 1 process and split over 2 (gloo), through local paths and over http (mmengine's
+HTTPBackend, from a server on 127.0.0.1)."""
 import os
 import re
 import tarfile
@@ -7,33 +8,18 @@ import textwrap
 
 import pytest
 import torch
-from mmengine.fileio import BaseStorageBackend, LocalBackend, register_backend
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.registry import DATA_SAMPLERS, DATASETS
 
 import convmae_backbone  # noqa: F401  (registers the datasets and transforms)
 from convmae_backbone.datasets import expand_shards, write_shards
-from convmae_backbone.datasets.shards import TarShardDataset
+from convmae_backbone.datasets.shards import ShardError, ShardNotFoundError, TarShardDataset
 from convmae_backbone.datasets.samplers import seeded_rngs
-from helpers import ROOT, make_images
+from helpers import ROOT, make_images, serve_folder
 
 PIPELINE = [dict(type='DecodeRandomResizedCrop', size=32, scale=(0.2, 1.0)), dict(type='MAERandomFlip', prob=0.5),
             dict(type='RandomBlockMask', input_size=32, patch_size=16, mask_ratio=0.75), dict(type='PackMAEInputs')]
-
-
-@register_backend('fakeremote', force=True, prefixes='fakeremote')
-class FakeRemoteBackend(BaseStorageBackend):
-    """A 'remote' store: ``fakeremote://<local path>``, read whole through ``get`` (like s3 / petrel / http)."""
-
-    def get(self, filepath) -> bytes:
-        return LocalBackend().get(str(filepath).replace('fakeremote://', '', 1))
-
-    def get_text(self, filepath, encoding='utf-8') -> str:
-        return self.get(filepath).decode(encoding)
-
-    def exists(self, filepath) -> bool:
-        return LocalBackend().exists(str(filepath).replace('fakeremote://', '', 1))
 
 
 def folder_cfg(root) -> dict:
@@ -72,22 +58,23 @@ def test_expand_shards():
 
 def test_shards_give_the_folder_samples_crops_and_masks(tmp_path):
     """Same images as the folder in the same order, and per (seed, epoch, index) the same crop, flip and mask
-    in 1 process (2 loader workers) and split over 2 processes (gloo); the remote-backend path (a cached copy)
-    gives the same samples."""
+    in 1 process (2 loader workers) and split over 2 processes (gloo); shards over http (a real server on
+    127.0.0.1, mmengine's HTTPBackend, copied once into the cache) give the same samples."""
     root = make_images(tmp_path / 'data', n=7)
     shards = write_shards(str(root / 'train'), str(tmp_path / 'shards'), samples_per_shard=3)
     assert [os.path.basename(s) for s in shards] == ['shard-000000.tar', 'shard-000001.tar', 'shard-000002.tar']
     with tarfile.open(shards[1]) as tar:
         assert tar.getnames() == ['000000003.jpg', '000000003.path', '000000004.jpg', '000000004.path',
                                   '000000005.jpg', '000000005.path']
-    cfgs = dict(local=shards_cfg(str(tmp_path / 'shards' / 'shard-{000000..000002}.tar')),
-                remote=shards_cfg([f'fakeremote://{s}' for s in shards], cache_dir=str(tmp_path / 'cache')))
     folder = DATASETS.build(folder_cfg(root))
     ref = {epoch: samples(folder, epoch) for epoch in (0, 1)}
     assert sorted(ref[0]) == list(range(7))
     assert not torch.equal(ref[0][0][0], ref[1][0][0])  # new crops every epoch
-    torch.multiprocessing.spawn(_rank_worker, args=(2, str(tmp_path / 'init'), cfgs, str(tmp_path)), nprocs=2)
-    assert len(os.listdir(tmp_path / 'cache')) == 3
+    with serve_folder(tmp_path / 'shards') as url:
+        cfgs = dict(local=shards_cfg(str(tmp_path / 'shards' / 'shard-{000000..000002}.tar')),
+                    http=shards_cfg(f'{url}/shard-{{000000..000002}}.tar', cache_dir=str(tmp_path / 'cache')))
+        torch.multiprocessing.spawn(_rank_worker, args=(2, str(tmp_path / 'init'), cfgs, str(tmp_path)), nprocs=2)
+    assert len(os.listdir(tmp_path / 'cache')) == 3  # read from the cache from now on: the server is gone
     for name, cfg in cfgs.items():
         dataset = DATASETS.build(cfg)
         assert len(dataset) == 7 and dataset[0]['inputs'].shape == (3, 32, 32)
@@ -102,13 +89,28 @@ def test_shards_give_the_folder_samples_crops_and_masks(tmp_path):
                     assert torch.equal(got[index][0], inputs) and torch.equal(got[index][1], mask), (name, index)
 
 
+def test_http_shards_that_fail_name_the_shard_and_stay_in_the_cache(tmp_path):
+    """A missing http shard is a ShardNotFoundError naming it (mmengine's HTTPBackend has no ``exists``: the
+    download itself tells); a URL ending in '..' is cached inside ``cache_dir`` under a hashed name."""
+    write_shards(str(make_images(tmp_path / 'data', n=2) / 'train'), str(tmp_path / 'served' / 'a'))
+    cache = tmp_path / 'cache'
+    with serve_folder(tmp_path / 'served') as url:
+        with pytest.raises(ShardNotFoundError, match=re.escape(f'{url}/missing.tar') + '.*HTTPError.*404'):
+            DATASETS.build(shards_cfg(f'{url}/missing.tar', cache_dir=str(cache)))
+        with pytest.raises(ShardError, match=re.escape(f'{url}/a/..')):  # the server's listing: not a tar
+            DATASETS.build(shards_cfg(f'{url}/a/..', cache_dir=str(cache)))
+        assert len(DATASETS.build(shards_cfg(f'{url}/a/shard-000000.tar', cache_dir=str(cache)))) == 2
+    assert sorted(p.parent for p in tmp_path.rglob('*') if p.is_file() and 'served' not in p.parts
+                  and 'data' not in p.parts) == [cache, cache]
+
+
 def test_bad_shards_fail_naming_the_cause(tmp_path):
-    with pytest.raises(FileNotFoundError, match='missing.tar'):
+    with pytest.raises(ShardNotFoundError, match='missing.tar'):
         DATASETS.build(shards_cfg(str(tmp_path / 'missing.tar')))
     empty = tmp_path / 'empty.tar'
     with tarfile.open(empty, 'w'):
         pass
-    with pytest.raises(ValueError, match='holds no images'):
+    with pytest.raises(ShardError, match='empty.tar.* holds no images'):
         DATASETS.build(shards_cfg(str(empty)))
     with pytest.raises(ValueError, match='at least one shard'):
         TarShardDataset(shards=[])

@@ -23,6 +23,7 @@ from mmengine.runner import Runner
 
 from ..checkpoint import CheckpointError
 from ..datasets.image_folder import find_images, image_dir
+from ..datasets.shards import ShardError
 from ..engine.amp import apply_amp
 from ..engine.distributed import finish_distributed, init_distributed
 from ..engine.optim import check_zero
@@ -70,11 +71,12 @@ def _leaves(value: Any) -> Iterator[Any]:
 
 
 def run_tool(main: Callable[[], Any]) -> Any:
-    """Run a tool's ``main``; a :class:`~convmae_backbone.checkpoint.CheckpointError` or :class:`ConfigError`
-    is printed as ``error: ...`` and exits with status 1 instead of a traceback."""
+    """Run a tool's ``main``; a :class:`~convmae_backbone.checkpoint.CheckpointError`, :class:`ConfigError` or
+    :class:`~convmae_backbone.datasets.shards.ShardError` is printed as ``error: ...`` and exits with status 1
+    instead of a traceback."""
     try:
         return main()
-    except (CheckpointError, ConfigError) as exc:
+    except (CheckpointError, ConfigError, ShardError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         sys.exit(1)
 

@@ -5,9 +5,10 @@ Unreadable files (truncated, corrupt or not an image at all) never stop a run: t
 warning naming the file, and the dataset fetches another index instead (with :class:`~.samplers.SeededSampler`,
 one drawn from the sample's seed).
 """
+import logging
 import os
 import os.path as osp
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from mmengine.logging import print_log
@@ -21,25 +22,63 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def list_images(root: str) -> List[str]:
-    """All image files below ``root`` (recursive, extension match is case-insensitive), sorted."""
+    """All image files below ``root`` (recursive, following symlinks; extension match is case-insensitive), sorted.
+
+    Every folder is walked once: a symlink leading to a folder already walked (a loop back to an ancestor, or a
+    second link to one folder) is skipped with a warning naming it, so the walk ends whatever the links."""
     files = []
+    visited = {_folder_id(root)} if osp.isdir(root) else set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+        kept = []
+        for name in sorted(sorted(dirnames), key=lambda d: osp.islink(osp.join(dirpath, d))):  # real folders first
+            path = osp.join(dirpath, name)
+            try:
+                folder = _folder_id(path)
+            except OSError:  # gone since it was listed: os.walk would skip it too
+                continue
+            if folder in visited:
+                print_log(f'skipped {path!r}: it leads to {osp.realpath(path)!r}, a folder already walked (a '
+                          f'symlink loop or a second link to one folder)', logger='current', level=logging.WARNING)
+                continue
+            visited.add(folder)
+            kept.append(name)
+        dirnames[:] = sorted(kept)
         files.extend(osp.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
     return files
 
 
+def _folder_id(path: str) -> Tuple[int, int]:
+    """(device, inode) of the folder ``path`` leads to."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+#: Pixels converted at once by :func:`to_rgb8` from 16-bit, 32-bit and float images (bounds its float64 work).
+CONVERT_PIXELS = 1 << 16
+
+
 def to_rgb8(img: Image.Image) -> Image.Image:
-    """Convert any PIL image (grayscale, RGBA, palette, CMYK, 16-bit or float grayscale) to 8-bit RGB."""
+    """Convert any PIL image (grayscale, RGBA, palette, CMYK, 16-bit or float grayscale) to 8-bit RGB.
+
+    16-bit, 32-bit and float grayscale is scaled to 0..255 (65535 -> 255; floats in [0, 1] -> 255) in bands of
+    about :data:`CONVERT_PIXELS` pixels, so that beyond the source image it costs the 8-bit gray and RGB images and
+    no full-size copy."""
     if img.mode == 'RGB':
         return img
     if img.mode.startswith('I;16') or img.mode in ('I', 'F'):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith('I;16') or (img.mode == 'I' and arr.max(initial=0) > 255):
-            arr = arr / 257.0  # 0..65535 -> 0..255
-        elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8 -> mode 'L'
+        if img.mode.startswith('I;16') or (img.mode == 'I' and max(img.getextrema()[1], 0) > 255):
+            scale = 1 / 257  # 0..65535 -> 0..255
+        elif img.mode == 'F' and max(img.getextrema()[1], 0) <= 1.0:
+            scale = 255.0
+        else:
+            scale = 1.0
+        width, height = img.size
+        gray = np.empty((height, width), np.uint8)
+        rows = max(1, CONVERT_PIXELS // max(1, width))
+        for top in range(0, height, rows):
+            band = np.asarray(img.crop((0, top, width, min(top + rows, height))), dtype=np.float64)
+            gray[top:top + rows] = np.clip(np.rint(band * scale), 0, 255)
+        img = Image.fromarray(gray)  # 2-D uint8 -> mode 'L'
     elif img.mode in ('P', 'PA'):
         img = img.convert('RGBA')
     return img.convert('RGB')

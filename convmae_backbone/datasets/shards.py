@@ -13,9 +13,16 @@ resume, and equal those of the image folder the shards were written from.
 Shards are local paths or any location mmengine's file backends read (``backend_args``, e.g. ``s3://``,
 ``petrel://``, ``http(s)://``): those are copied once, atomically, into ``cache_dir`` (shared by the workers and
 the processes of a node) and read locally from then on.
+
+Damaged data never ends a run: a member whose data is not in the shard (a sparse member, one claiming more bytes
+than the shard holds, one cut off by a truncated shard) is indexed like any other and skipped with a warning when
+it is read, as an unreadable image is (:class:`~.transforms.SkipUnreadable`); a shard cut off or damaged after
+some members keeps those, with a warning naming it. A shard that cannot be read at all (missing, not a tar file,
+no image) raises :class:`ShardError` naming it when the dataset is built.
 """
 import hashlib
 import io
+import logging
 import os
 import os.path as osp
 import re
@@ -31,6 +38,29 @@ from .image_folder import IMG_EXTENSIONS, list_images
 from .samplers import SeededDataset
 
 _BRACES = re.compile(r'\{(\d+)\.\.(\d+)\}')
+
+
+class ShardError(ValueError):
+    """A shard that cannot be used (not a tar file, no image, could not be fetched); the message names it."""
+
+
+class ShardNotFoundError(ShardError, FileNotFoundError):
+    """A shard that does not exist; the message names it."""
+
+
+class _BoundedFile(io.FileIO):
+    """A file opened for reading whose reads never ask for more than what is left of it: ``tarfile`` reads a
+    header's extension (pax data, GNU long names) in one call of the size the header claims, which Python
+    allocates before reading (a 1 KB file claiming 10^12 bytes would raise ``MemoryError``)."""
+
+    def __init__(self, path: str):
+        super().__init__(path, 'rb')
+        self.length = os.fstat(self.fileno()).st_size
+
+    def read(self, size: Optional[int] = -1) -> bytes:
+        if size is not None and size > 0:
+            size = min(size, max(0, self.length - self.tell()))
+        return super().read(size)
 
 
 def expand_shards(shards: Union[str, Sequence[str]]) -> List[str]:
@@ -94,8 +124,8 @@ class TarShardDataset(SeededDataset):
         pipeline: the transforms; they get ``img_bytes`` (the encoded image) and ``img_path``
             (``<shard>/<member>``, which names the sample in warnings).
 
-    A missing shard raises ``FileNotFoundError`` naming it, a shard without images ``ValueError``, when the
-    dataset is built.
+    A missing shard raises :class:`ShardNotFoundError` (a ``FileNotFoundError``), a shard that is not a tar file or
+    holds no image :class:`ShardError`, naming it, when the dataset is built.
     """
 
     def __init__(self, shards: Union[str, Sequence[str]], backend_args: Optional[dict] = None,
@@ -103,7 +133,7 @@ class TarShardDataset(SeededDataset):
         self.shards = [s if osp.isabs(s) or '://' in s or not data_root else osp.join(data_root, s)
                        for s in expand_shards(shards)]
         if not self.shards:
-            raise ValueError('TarShardDataset needs at least one shard')
+            raise ShardError('TarShardDataset needs at least one shard')
         self.backend_args = backend_args
         self.cache_dir = cache_dir or osp.join(osp.expanduser('~'), '.cache', 'convmae_backbone', 'shards')
         self._fds: Dict[str, int] = {}
@@ -119,32 +149,56 @@ class TarShardDataset(SeededDataset):
         backend = fileio.get_file_backend(shard, backend_args=self.backend_args)
         if isinstance(backend, fileio.LocalBackend):
             if not osp.isfile(shard):
-                raise FileNotFoundError(f'shard {shard!r} does not exist')
+                raise ShardNotFoundError(f'shard {shard!r} does not exist')
             return shard
         name = hashlib.sha1(shard.encode()).hexdigest()[:16] + '-' + osp.basename(shard)
-        cached = osp.join(self.cache_dir, name)
+        cached = osp.join(self.cache_dir, name)  # the hash prefix keeps any base name ('..' too) inside cache_dir
         if not osp.isfile(cached):
-            if not backend.exists(shard):
-                raise FileNotFoundError(f'shard {shard!r} does not exist')
-            data = backend.get(shard)
+            try:  # not every backend has ``exists`` (mmengine's HTTPBackend has not): a missing shard fails here
+                data = backend.get(shard)
+            except Exception as exc:  # noqa: BLE001 - each backend raises its own (HTTPError, botocore's...)
+                missing = isinstance(exc, FileNotFoundError) or getattr(exc, 'code', None) == 404
+                raise (ShardNotFoundError if missing else ShardError)(
+                    f'shard {shard!r} could not be fetched: {type(exc).__name__}: {exc}') from None
             atomic_write(cached, lambda f: f.write(data))
         return cached
 
     def load_data_list(self) -> List[dict]:
         data_list = []
         for shard in self.shards:
-            path, found = self.local_path(shard), 0
-            with tarfile.open(path, mode='r:') as tar:
-                for member in tar:
-                    if member.isfile() and member.name.lower().endswith(IMG_EXTENSIONS):
-                        data_list.append(dict(img_path=f'{shard}/{member.name}', shard=path,
-                                              offset=member.offset_data, size=member.size,
-                                              key=sample_key(member.name)))
-                        found += 1
-            if not found:
-                raise ValueError(f'shard {shard!r} holds no images with extensions {IMG_EXTENSIONS}')
+            images = self._index(shard, self.local_path(shard))
+            if not images:
+                raise ShardError(f'shard {shard!r} holds no images with extensions {IMG_EXTENSIONS}')
+            data_list.extend(images)
         print_log(f'TarShardDataset: {len(data_list)} images in {len(self.shards)} shard(s)', logger='current')
         return data_list
+
+    @staticmethod
+    def _index(shard: str, path: str) -> List[dict]:
+        """The image members of one shard (tar headers only), ``img_error`` set on those whose data is not in the
+        file (:meth:`get_data_info` hands that to the loading transform, which skips the sample with a warning)."""
+        images = []
+        try:
+            with _BoundedFile(path) as file, tarfile.open(fileobj=file, mode='r:') as tar:
+                for member in tar:
+                    if not (member.isfile() and member.name.lower().endswith(IMG_EXTENSIONS)):
+                        continue
+                    error = None
+                    if member.issparse():
+                        error = 'a sparse tar member (its data is not stored in full)'
+                    elif member.offset_data + member.size > file.length:
+                        error = (f'its {member.size} bytes run past the end of the shard ({file.length} bytes): '
+                                 f'truncated or oversize')
+                    images.append(dict(img_path=f'{shard}/{member.name}', shard=path, offset=member.offset_data,
+                                       size=0 if error else member.size, key=sample_key(member.name),
+                                       img_error=error))
+        except (tarfile.TarError, OSError, ValueError, EOFError) as exc:  # a damaged header, a truncated file
+            if not images:
+                raise ShardError(f'shard {shard!r} could not be read as a tar file ({type(exc).__name__}: '
+                                 f'{exc})') from None
+            print_log(f'shard {shard!r} is damaged after {len(images)} image member(s) ({type(exc).__name__}: '
+                      f'{exc}); those are used', logger='current', level=logging.WARNING)
+        return images
 
     def _read(self, path: str, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of a local shard (``os.pread``: no shared file position, fork-safe)."""
@@ -156,5 +210,12 @@ class TarShardDataset(SeededDataset):
 
     def get_data_info(self, idx: int) -> dict:
         info = super().get_data_info(idx)
-        info['img_bytes'] = self._read(info['shard'], info['offset'], info['size'])
+        if info['img_error'] is None:
+            try:
+                info['img_bytes'] = self._read(info['shard'], info['offset'], info['size'])
+            except OSError as exc:  # the shard went away or cannot be read since it was indexed
+                info['img_error'] = f'the shard could not be read ({type(exc).__name__}: {exc})'
+            else:
+                if len(info['img_bytes']) != info['size']:  # the shard was cut short since it was indexed
+                    info['img_error'] = f'only {len(info["img_bytes"])} of its {info["size"]} bytes are in the shard'
         return info

@@ -33,7 +33,11 @@ from .image_folder import to_rgb8
 
 def read_image_bytes(results: dict, backend_args: Optional[dict] = None) -> bytes:
     """The encoded image of a sample: ``results['img_bytes']`` (e.g. from tar shards) or the file at
-    ``results['img_path']``, read through mmengine's file backends (local paths, ``backend_args``)."""
+    ``results['img_path']``, read through mmengine's file backends (local paths, ``backend_args``).
+    ``ValueError`` with ``results['img_error']`` when the dataset found the sample unreadable (a damaged tar
+    member)."""
+    if results.get('img_error'):
+        raise ValueError(results['img_error'])
     data = results.get('img_bytes')
     return data if data is not None else fileio.get(results['img_path'], backend_args=backend_args)
 
