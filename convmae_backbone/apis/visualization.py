@@ -220,9 +220,10 @@ def columns(views: int = 1) -> Tuple[str, ...]:
 @torch.no_grad()
 def reconstruction_error(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -> float:
     """The model's loss (e.g. norm-pix MSE over the masked patches) on images uint8 (B, 3, H, W), with the mask
-    drawn from ``seed`` as in :func:`reconstruct`: the same masks for any model of the same input size."""
+    drawn from ``seed`` (by a generator on the model's device; on CPU as in :func:`reconstruct`): the same masks for
+    any model of the same input size on the same device."""
     x = model.data_preprocessor(dict(inputs=list(images)), False)['inputs']
-    loss, _, _ = model.forward_mae(x, generator=torch.Generator().manual_seed(seed))
+    loss, _, _ = model.forward_mae(x, generator=torch.Generator(x.device).manual_seed(seed))
     return float(loss)
 
 

@@ -12,6 +12,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 from torch import Tensor
 
 from ..checkpoint import CheckpointError
+from .utils import pos_embed_layout
 
 #: The :class:`ConvViT` keyword arguments that weight shapes fix, compared by :func:`check_arch`. ``img_size``
 #: is not among them (``pos_embed`` is resized to the model's grid on loading), nor ``num_heads``.
@@ -77,8 +78,15 @@ def model_arch(model_cfg: Mapping[str, object]) -> Dict[str, object]:
 
 
 def _ratio(hidden: int, dim: int) -> Union[int, float]:
+    """The MLP ratio that gives ``hidden`` channels over ``dim`` as the blocks compute them,
+    ``int(dim * ratio)``: ``hidden / dim``, or the next float above it where rounding would lose a channel
+    (e.g. 15 / 11)."""
     r = hidden / dim
-    return int(r) if r.is_integer() else r
+    if r.is_integer():
+        return int(r)
+    while int(dim * r) < hidden:
+        r = math.nextafter(r, math.inf)
+    return r
 
 
 def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
@@ -86,7 +94,10 @@ def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None
     ``num_heads``, ``mlp_ratios``, ``conv_kernel_size``) of the encoder weights in ``state_dict`` (encoder names, no wrapper prefix:
     see :func:`.weights.extract_state_dict`). Per-stage values are 3-tuples; ``img_size`` is an int (the
     square ``pos_embed`` grid times the product of the patch sizes). Raises ``ValueError`` naming a missing
-    key or an impossible shape."""
+    key or an impossible shape.
+
+    ConvMAE-v2 layouts read the same way: a ``cls_token`` is not an architecture field, and a ``pos_embed`` with
+    one class-token row before its square grid gives the grid's ``img_size``."""
     def get(key: str) -> Tensor:
         if key not in state_dict:
             raise ValueError(f'no {key} among the weights (first keys: {list(state_dict)[:5]}); not a ConvMAE '
@@ -101,9 +112,10 @@ def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None
     mlp_ratios = tuple(_ratio(int(get(f'blocks{i}.0.mlp.fc1.weight').shape[0]), embed_dims[i - 1])
                        for i in (1, 2, 3))
     tokens = int(get('pos_embed').shape[1])
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f'pos_embed has {tokens} tokens, not a square grid; cannot infer img_size')
+    try:
+        side, _ = pos_embed_layout(tokens)  # a class-token row (ConvMAE-v2) is not part of the grid
+    except ValueError as exc:
+        raise ValueError(f'{exc}; cannot infer img_size') from None
     if num_heads is None:
         rel_pos = state_dict.get('blocks3.0.attn.rel_pos_h')  # (2 * size - 1, head_dim)
         num_heads = embed_dims[2] // int(rel_pos.shape[1] if rel_pos is not None else HEAD_DIM)

@@ -1,5 +1,6 @@
 """Position embeddings, (un)patchify and the MLPs' GELU -> Linear, shared by the encoder, the pretrainer and the
 tools."""
+import math
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -42,6 +43,17 @@ def _sincos_cached(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     return torch.cat([encode(cols), encode(rows)], dim=1).unsqueeze(0)
+
+
+def pos_embed_layout(tokens: int, key: str = 'pos_embed') -> Tuple[int, int]:
+    """(side, class rows) of a stored position embedding of ``tokens`` rows: a square side x side grid, preceded
+    by one class-token row when ``tokens`` is side * side + 1 (ConvMAE-v2; ViTDet's ``pretrain_use_cls_token``
+    layout, whose row 0 belongs to the class token). Raises ``ValueError`` naming ``key`` otherwise."""
+    for prefix in (0, 1):
+        side = math.isqrt(max(tokens - prefix, 0))
+        if side > 0 and side * side == tokens - prefix:
+            return side, prefix
+    raise ValueError(f'{key} has {tokens} tokens, not a square grid (nor one after a class-token row)')
 
 
 def resize_pos_embed(pos_embed: Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Tensor:
