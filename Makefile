@@ -11,7 +11,7 @@ install: $(STAMP)
 # Re-run the (idempotent) set-up whenever what it installs may have changed, and whenever a torch build is chosen
 # (TORCH_SPEC / TORCH_INDEX_URL, see tools/setup_env.sh).
 CHOSEN_TORCH := $(if $(TORCH_SPEC)$(TORCH_INDEX_URL),FORCE)
-$(STAMP): setup.cfg setup.py pyproject.toml tools/setup_env.sh tools/install_mmcv.sh Makefile $(CHOSEN_TORCH)
+$(STAMP): setup.cfg setup.py pyproject.toml tools/setup_env.sh tools/install_mmcv.sh tools/install_detectron2.sh Makefile $(CHOSEN_TORCH)
 	bash tools/setup_env.sh $(PYTHON) $(VENV)
 	@touch $@
 

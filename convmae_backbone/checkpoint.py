@@ -9,10 +9,10 @@ knows through the same loader (:func:`register_safe_mmengine_loader`). The confi
 (``meta.cfg``) is read by :func:`literal_assignments` without being executed. (Adapting weights to a model is
 ``models.weights``.)
 """
+import argparse
 import ast
-import importlib
-import io
 import logging
+import math
 import os
 import os.path as osp
 import pickle
@@ -21,14 +21,17 @@ import re
 import tempfile
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
+from collections import OrderedDict
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from mmengine import registry as mmengine_registry
 from mmengine.dist import barrier, get_dist_info
 from mmengine.fileio import get_file_backend
 from mmengine.logging import HistoryBuffer, print_log
+from mmengine.registry import Registry
 from mmengine.runner import checkpoint as mmengine_checkpoint
 from mmengine.runner.checkpoint import CheckpointLoader
 
@@ -46,6 +49,11 @@ TRUSTED_GLOBALS = NUMPY_GLOBALS + (
     'mmengine.logging.history_buffer.HistoryBuffer',  # mmengine checkpoints: message_hub.log_scalars
     'builtins.getattr',  # mmengine: getattr(HistoryBuffer, one of HISTORY_BUFFER_METHODS), nothing else
 )
+#: numpy dtypes a checkpoint's arrays and scalars may have, as numpy names them in pickles: booleans, integers,
+#: floats and complex numbers (no object, structured, subarray, void, string or datetime dtypes).
+PLAIN_DTYPES = ('b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4', 'f8', 'c8', 'c16')
+#: Deepest nesting of containers in a checkpoint (its weights sit 2 to 5 levels deep).
+MAX_DEPTH = 64
 #: Keys under which a checkpoint keeps the model weights, in the order they are looked up: mmengine and mmcv
 #: (``state_dict``), the official code and detectron2 (``model``), DDP wrappers saved whole (``module``).
 WEIGHTS_KEYS = ('state_dict', 'model', 'module')
@@ -65,53 +73,78 @@ def _global_name(module: str, name: str) -> str:
     return f'{module}.{name}'
 
 
-def _scan_pickle(stream: BinaryIO) -> List[str]:
-    """The globals one pickle in ``stream`` names (its GLOBAL opcodes), read without unpickling it; opcodes that
-    name a global some other way (``STACK_GLOBAL``, ``INST``, ``OBJ``, extension codes), which torch's
-    weights-only unpickler does not take either, are listed as ``'<OPCODE>'``."""
-    found = []
+def _scan_pickle(stream: BinaryIO, found: Dict[str, None]) -> None:
+    """Add to ``found`` the globals one pickle in ``stream`` names (its GLOBAL opcodes), read without unpickling
+    it; opcodes that name a global some other way (``STACK_GLOBAL``, ``INST``, ``OBJ``, extension codes), which
+    torch's weights-only unpickler does not take either, are listed as ``'<OPCODE>'``."""
     for op, arg, _ in pickletools.genops(stream):
         if op.name == 'GLOBAL':
-            found.append(_global_name(*arg.split(' ', 1)))
+            found[_global_name(*arg.split(' ', 1))] = None
         elif op.name in ('STACK_GLOBAL', 'INST', 'OBJ', 'EXT1', 'EXT2', 'EXT4'):
-            found.append(f'<{op.name}>')
-    return found
+            found[f'<{op.name}>'] = None
+
+
+def is_torch_zip(path: str) -> bool:
+    """Whether ``torch.load`` reads file ``path`` as a zip checkpoint: as torch decides it, by the zip signature
+    at the start of the file (``zipfile.is_zipfile`` looks for a directory at the end, and so takes a pickle put
+    in front of a zip for the zip, which torch does not read)."""
+    with open(path, 'rb') as f:
+        return f.read(4) == b'PK\x03\x04'
+
+
+def _data_pickle(archive: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
+    """The ``data.pkl`` record of a zip checkpoint of ``size`` bytes; raises :class:`CheckpointError` naming the
+    file for a TorchScript archive, none or several ``data.pkl``, and one that unpacks to more bytes than the
+    file holds (torch stores it uncompressed: only a zip bomb's is larger)."""
+    records = archive.infolist()
+    if any(r.filename.rsplit('/', 1)[-1] == 'constants.pkl' for r in records):
+        raise CheckpointError(f'checkpoint file {name!r} is a TorchScript archive (a program), not a checkpoint '
+                              f'of weights')
+    data = [r for r in records if r.filename.rsplit('/', 1)[-1] == 'data.pkl']
+    if len(data) != 1:
+        raise CheckpointError(f'checkpoint file {name!r} is a zip archive without the data.pkl of a PyTorch '
+                              f'checkpoint')
+    if data[0].file_size > size:
+        raise CheckpointError(f'checkpoint file {name!r}: its data.pkl unpacks to {data[0].file_size} bytes, more '
+                              f'than the {size} bytes of the whole file (torch stores it uncompressed; a '
+                              f'compressed one is refused unread)')
+    return data[0]
 
 
 def pickle_globals(path: str, source: Optional[str] = None) -> List[str]:
     """Every global the pickles of checkpoint file ``path`` name, in order of appearance (duplicates removed).
 
-    A zip checkpoint (``torch.save`` since 1.6) has one pickle, ``data.pkl``; a legacy one a sequence of them
-    (magic number, protocol, system info, the object, storage keys) before the raw storages; a plain pickle
-    (detectron2 ``.pkl``) one. Raises :class:`CheckpointError` naming ``source`` (default ``path``) for a
-    TorchScript archive or anything that is not pickle data.
+    A zip checkpoint (``torch.save`` since 1.6; :func:`is_torch_zip`) has one pickle, ``data.pkl``, read only if
+    it unpacks to at most the size of the file (:func:`_data_pickle`); a legacy one a sequence of them (magic
+    number, protocol, system info, the object, storage keys) before the raw storages; a plain pickle (detectron2
+    ``.pkl``) one. The pickle is streamed, never held whole, and every opcode takes at least one of its bytes, so
+    the opcodes read are at most the bytes of the file. Raises :class:`CheckpointError` naming ``source``
+    (default ``path``) for a TorchScript archive, a compressed ``data.pkl``, or anything that is not pickle data.
     """
     name = source or path
-    found: List[str] = []
+    found: Dict[str, None] = {}
     try:
-        if zipfile.is_zipfile(path):
+        if is_torch_zip(path):
             with zipfile.ZipFile(path) as archive:
-                records = archive.namelist()
-                if any(r.rsplit('/', 1)[-1] == 'constants.pkl' for r in records):
-                    raise CheckpointError(f'checkpoint file {name!r} is a TorchScript archive (a program), not a '
-                                          f'checkpoint of weights')
-                data = [r for r in records if r.rsplit('/', 1)[-1] == 'data.pkl']
-                if len(data) != 1:
-                    raise CheckpointError(f'checkpoint file {name!r} is a zip archive without the data.pkl of a '
-                                          f'PyTorch checkpoint')
-                found = _scan_pickle(io.BytesIO(archive.read(data[0])))
+                with archive.open(_data_pickle(archive, name, osp.getsize(path))) as stream:
+                    _scan_pickle(stream, found)
         else:
             with open(path, 'rb') as f:
-                for _ in range(5):  # a legacy torch file has 5 pickles; a plain pickle has one, then EOF
+                for i in range(5):  # a legacy torch file has 5 pickles; a plain pickle has one, then EOF
                     if not f.peek(1)[:1]:
                         break
-                    found += _scan_pickle(f)
+                    try:
+                        _scan_pickle(f, found)
+                    except Exception:  # noqa: BLE001 - after a complete pickle: torch reads (and fails) there too
+                        if i == 0:
+                            raise
+                        break
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - zipfile and pickletools fail in many ways on damaged data
         raise CheckpointError(f'checkpoint file {name!r} could not be read (truncated, corrupt or not a PyTorch '
                               f'checkpoint): {_cause(exc)}') from None
-    return list(dict.fromkeys(found))
+    return list(found)
 
 
 def check_globals(names: List[str], allowed: Tuple[str, ...], source: str,
@@ -131,31 +164,261 @@ def torch_allowed_globals() -> Tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _history_buffer_method(obj: Any, name: str, *default: Any) -> Callable:
+class _StandIn:
+    """What a global of :data:`TRUSTED_GLOBALS` stands for while a checkpoint is unpickled: it holds the
+    arguments (call) and the state (BUILD) the file gives it, and becomes ``value`` once both are those of plain
+    data, else records why not (``refused``); :func:`plain_data` then puts ``value`` in its place, or refuses
+    naming the path inside the file. No state from a file ever reaches a real numpy or mmengine object (numpy
+    does not check the consistency of dtype state; a ``HistoryBuffer``'s statistics table is process-wide)."""
+    value: Any = None
+    refused: Optional[str] = None
+    what = 'object'
+
+    def __setstate__(self, state: Any) -> None:
+        self.refuse(f'a {self.what} with state {state!r:.60} is not allowed')
+
+    def refuse(self, why: str) -> None:
+        self.value, self.refused = None, self.refused or why
+
+    @classmethod
+    def refusal(cls, why: str) -> '_StandIn':
+        stand_in = object.__new__(_StandIn)
+        stand_in.refuse(why)
+        return stand_in
+
+
+def _ready(stand_in: Any, cls: type) -> bool:
+    """Whether ``stand_in`` is a finished, allowed ``cls`` stand-in."""
+    return type(stand_in) is cls and stand_in.value is not None
+
+
+class _NDArrayType(_StandIn):
+    """``numpy.ndarray``: only the array type named in ``_reconstruct(ndarray, (0,), b'b')``; a call (an array of
+    a shape alone: uninitialised memory) is refused."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _StandIn:
+        return _StandIn.refusal('numpy.ndarray(...) is not allowed (arrays are rebuilt from their bytes only)')
+
+
+class _PlainDType(_StandIn):
+    """``numpy.dtype(spec, align, copy)`` then BUILD: a :data:`PLAIN_DTYPES` spec with exactly the state numpy
+    writes for it (its byte order aside)."""
+    what = 'numpy dtype'
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True):
+        self.spec = spec
+        if type(spec) is not str or spec not in PLAIN_DTYPES or type(align) is not bool:
+            self.refuse(f'numpy dtype {spec!r:.60} is not allowed (plain numeric dtypes only: '
+                        f'{", ".join(PLAIN_DTYPES)})')
+
+    def __setstate__(self, state: Any) -> None:
+        spec = getattr(self, 'spec', None)
+        plain = (self.refused is None and spec is not None and self.value is None and type(state) is tuple
+                 and len(state) == 8 and all(type(x) in (int, str, type(None)) for x in state))
+        dtype = np.dtype(spec) if plain else None
+        if plain and state[1] in ('<', '>') and dtype.itemsize > 1:
+            dtype = dtype.newbyteorder(state[1])
+        if plain and state == dtype.__reduce__()[2]:
+            self.value = dtype
+        else:
+            self.refuse(f'numpy dtype {spec!r:.30} with the state {state!r:.80} is not allowed (only the state '
+                        f'numpy writes for a plain numeric dtype)')
+
+
+class _PlainArray(_StandIn):
+    """``numpy._core.multiarray._reconstruct(ndarray, (0,), b'b')`` then BUILD ``(1, shape, dtype, fortran,
+    bytes)``: an array of a :class:`_PlainDType` whose bytes are exactly its shape's, copied."""
+    what = 'numpy array'
+
+    def __init__(self, cls: Any, shape: Any, typecode: Any):
+        if cls is not _NDArrayType or shape != (0,) or typecode not in (b'b', 'b'):
+            self.refuse('a numpy array made by _reconstruct with other arguments than numpy writes is not allowed')
+
+    def __setstate__(self, state: Any) -> None:
+        if self.refused or self.value is not None or type(state) is not tuple or len(state) not in (4, 5) or (
+                len(state) == 5 and state[0] != 1):
+            return self.refuse(f'numpy array state {state!r:.80} is not allowed')
+        shape, dtype, fortran, data = state[-4:]
+        if not _ready(dtype, _PlainDType):
+            return self.refuse(getattr(dtype, 'refused', None) or f'a numpy array of {dtype!r:.60} is not allowed')
+        if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape) or fortran not in (0, 1):
+            return self.refuse(f'numpy array shape {shape!r:.60} (fortran order {fortran!r:.10}) is not allowed')
+        data = data.encode('latin1') if type(data) is str else data  # Python 2 pickles read as latin1 text
+        size = math.prod(shape) * dtype.value.itemsize
+        if type(data) is not bytes or len(data) != size:
+            return self.refuse(f'a numpy array of shape {shape} and dtype {dtype.value} takes {size} bytes, its data '
+                               f'is {type(data).__name__} of {len(data) if type(data) is bytes else "?"}')
+        order = 'F' if fortran else 'C'
+        self.value = (np.frombuffer(data, dtype.value).reshape(shape, order=order).copy(order=order) if size else
+                      np.zeros(shape, dtype.value, order=order))
+
+
+def _plain_scalar(dtype: Any, data: Any) -> Any:
+    """``numpy._core.multiarray.scalar(dtype, bytes)``: a scalar of a :class:`_PlainDType` from its exact bytes."""
+    data = data.encode('latin1') if type(data) is str else data
+    if not _ready(dtype, _PlainDType):
+        return _StandIn.refusal(getattr(dtype, 'refused', None) or f'a numpy scalar of {dtype!r:.60} is not allowed')
+    if type(data) is not bytes or len(data) != dtype.value.itemsize:
+        return _StandIn.refusal(f'a numpy {dtype.value} scalar from {data!r:.40} is not allowed (it takes exactly '
+                                f'{dtype.value.itemsize} bytes)')
+    return np.frombuffer(data, dtype.value)[0]
+
+
+class _StatisticsMethod(_StandIn):
+    """``getattr(HistoryBuffer, name)`` of a :data:`HISTORY_BUFFER_METHODS` name: allowed, and ignored, in the
+    ``statistics_methods`` of a ``HistoryBuffer``'s state only."""
+    what = 'HistoryBuffer method'
+
+
+class _PlainHistoryBuffer(_StandIn):
+    """mmengine's ``HistoryBuffer`` (NEWOBJ, then BUILD with its attributes): rebuilt as
+    ``HistoryBuffer(log_history, count_history, max_length)`` from two 1-D arrays of numbers. The
+    ``statistics_methods`` of its state, which ``HistoryBuffer.__setstate__`` writes into the class-wide table of
+    every buffer, are ignored."""
+    what = 'HistoryBuffer'
+    KEYS = ('max_length', '_log_history', '_count_history', 'statistics_methods')
+
+    def __init__(self) -> None:  # NEWOBJ calls __new__ only
+        self.refuse('a HistoryBuffer(...) call is not allowed')
+
+    def __setstate__(self, state: Any) -> None:
+        if self.refused or self.value is not None or type(state) is not dict or not set(state) <= set(self.KEYS):
+            return self.refuse(f'HistoryBuffer state {state!r:.80} is not allowed (attributes '
+                               f'{", ".join(self.KEYS)} only)')
+        arrays = [state.get(k) for k in ('_log_history', '_count_history')]
+        methods = state.get('statistics_methods', {})  # HistoryBuffer.__setstate__ puts them in the class table
+        if not all(_ready(a, _PlainArray) and a.value.ndim == 1 for a in arrays) or len(arrays[0].value) != len(
+                arrays[1].value) or type(state.get('max_length')) is not int or not (
+                type(methods) is dict and all(type(m) is _StatisticsMethod for m in methods.values())):
+            return self.refuse('HistoryBuffer state is not allowed (two 1-D numpy arrays of numbers of one length '
+                               'and an int max_length only)')
+        self.value = HistoryBuffer(arrays[0].value, arrays[1].value, state['max_length'])
+
+
+class _PlainNamespace(_StandIn):
+    """``argparse.Namespace`` (NEWOBJ, then BUILD with its attributes): a namespace of identifier-named
+    attributes, whose values :func:`plain_data` checks."""
+    what = 'argparse.Namespace'
+
+    def __new__(cls, *args: Any) -> '_PlainNamespace':
+        self = super().__new__(cls)
+        self.value = argparse.Namespace()
+        return self
+
+    def __init__(self) -> None:  # NEWOBJ calls __new__ only
+        self.refuse('an argparse.Namespace(...) call is not allowed')
+
+    def __setstate__(self, state: Any) -> None:
+        if self.refused or type(state) is not dict or not all(type(k) is str and k.isidentifier() for k in state) \
+                or vars(self.value):
+            return self.refuse(f'argparse.Namespace state {state!r:.80} is not allowed')
+        self.value = argparse.Namespace(**state)
+
+
+def _history_buffer_method(obj: Any, name: Any, *default: Any) -> _StandIn:
     """``getattr`` as a checkpoint may call it: one of :data:`HISTORY_BUFFER_METHODS` of ``HistoryBuffer``."""
-    if obj is HistoryBuffer and name in HISTORY_BUFFER_METHODS and not default:
-        return getattr(HistoryBuffer, name)
-    raise CheckpointError(f'getattr({getattr(obj, "__name__", type(obj).__name__)}, {name!r}) is not allowed')
+    if obj is _PlainHistoryBuffer and name in HISTORY_BUFFER_METHODS and not default:
+        method = object.__new__(_StatisticsMethod)
+        method.refuse(f'getattr(HistoryBuffer, {name!r}) outside the state of a HistoryBuffer is not allowed')
+        return method
+    shown = 'HistoryBuffer' if obj is _PlainHistoryBuffer else getattr(obj, '__name__', type(obj).__name__)
+    return _StandIn.refusal(f'getattr({shown}, {name!r:.60}) is not allowed')
 
 
-def _resolve(name: str) -> Any:
-    module, _, attr = name.rpartition('.')
-    return getattr(importlib.import_module(module), attr)
+#: What each of :data:`TRUSTED_GLOBALS` stands for while a checkpoint is unpickled.
+STAND_INS: Dict[str, Any] = {
+    'numpy.ndarray': _NDArrayType, 'numpy.dtype': _PlainDType,
+    'numpy._core.multiarray._reconstruct': _PlainArray, 'numpy._core.multiarray.scalar': _plain_scalar,
+    'numpy.core.multiarray._reconstruct': _PlainArray, 'numpy.core.multiarray.scalar': _plain_scalar,
+    'argparse.Namespace': _PlainNamespace, 'mmengine.logging.history_buffer.HistoryBuffer': _PlainHistoryBuffer,
+    'builtins.getattr': _history_buffer_method,
+}
+assert set(STAND_INS) == set(TRUSTED_GLOBALS)
 
 
 def _trusted_objects() -> List[Tuple[Any, str]]:
-    """(object, qualified name) of :data:`TRUSTED_GLOBALS` for ``torch.serialization.safe_globals``, plus numpy's
-    per-dtype classes, the types of ``numpy.dtype`` instances that the unpickler must be allowed to build."""
-    objects = []
-    for name in TRUSTED_GLOBALS:
-        if name == 'builtins.getattr':
-            objects.append((_history_buffer_method, name))
-        elif name.startswith('numpy.core.'):
-            objects.append((_resolve(name.replace('numpy.core.', 'numpy._core.')), name))
+    """(stand-in, qualified name) of :data:`TRUSTED_GLOBALS` for ``torch.serialization.safe_globals``."""
+    return [(STAND_INS[name], name) for name in TRUSTED_GLOBALS]
+
+
+# ------------------------------------------------------------------------------------------- plain data
+_LEAVES = (str, bytes, int, float, bool, type(None))
+_TORCH_LEAVES = (torch.Size, torch.dtype, torch.device)  # built by torch's own allow-list
+
+
+def _type_name(obj: Any) -> str:
+    if isinstance(obj, np.generic) or type(obj) is np.ndarray:
+        return f'a numpy {type(obj).__name__} of dtype {obj.dtype}'
+    return f'a {type(obj).__module__}.{type(obj).__qualname__}'
+
+
+def plain_data(obj: Any, source: str) -> Any:
+    """``obj`` (an unpickled checkpoint) with every stand-in replaced by its value, checked to be plain data: a
+    tree, at most :data:`MAX_DEPTH` deep, of dict / ``OrderedDict`` (str, bytes, int, float, bool or None keys) /
+    list / tuple / str / bytes / int / float / bool / None, tensors (and torch's sizes, dtypes, devices), numpy
+    arrays and scalars of :data:`PLAIN_DTYPES`, mmengine ``HistoryBuffer`` and ``argparse.Namespace``. Shared
+    parts are walked once. Raises :class:`CheckpointError` naming ``source`` and the path of the first other
+    thing inside the file (e.g. ``meta.epoch``)."""
+    done: Dict[int, Any] = {}
+    active: set = set()
+
+    def refuse(path: str, why: str) -> None:
+        shown = path if len(path) <= 120 else f'{path[:60]}...{path[-40:]}'
+        raise CheckpointError(f'checkpoint file {source!r}: {shown or "the checkpoint"}: {why}; refused (a '
+                              f'checkpoint holds plain data: tensors, numpy arrays of numbers, dict, list, tuple, '
+                              f'str, bytes, int, float, bool, None)')
+
+    def walk(o: Any, path: str, depth: int) -> Any:
+        t = type(o)
+        if t in _LEAVES or t in _TORCH_LEAVES:
+            return o
+        if isinstance(o, np.generic) or t is np.ndarray:
+            if o.dtype.str[1:] not in PLAIN_DTYPES:
+                refuse(path, f'{_type_name(o)} is not allowed')
+            return o
+        if isinstance(o, _StandIn):
+            if o.refused or o.value is None:
+                refuse(path, o.refused or f'an unfinished {o.what} is not allowed')
+            if t is _PlainNamespace:
+                for k, v in vars(o.value).items():
+                    setattr(o.value, k, walk(v, f'{path}.{k}', depth + 1))
+            return o.value
+        key = id(o)
+        if key in done:
+            return done[key]
+        if key in active:
+            refuse(path, 'it contains itself (a cycle)')
+        if depth > MAX_DEPTH:
+            refuse(path, f'nested more than {MAX_DEPTH} levels deep')
+        active.add(key)
+        if isinstance(o, torch.Tensor):
+            if getattr(o, '__dict__', None):
+                walk(dict(vars(o)), f'{path}.<attributes>', depth + 1)
+            result = o
+        elif t in (dict, OrderedDict):
+            for k in list(o):
+                if type(k) not in _LEAVES:
+                    refuse(path, f'a key that is {_type_name(k)} is not allowed')
+                o[k] = walk(o[k], f'{path}.{k}' if path else str(k), depth + 1)
+            if t is OrderedDict and vars(o):  # torch's state dicts carry _metadata (a dict), nothing else
+                if set(vars(o)) != {'_metadata'} or type(o._metadata) not in (dict, OrderedDict):
+                    refuse(path, f'attributes {sorted(vars(o))[:5]} of an OrderedDict are not allowed (a state '
+                                 f'dict has a _metadata dict)')
+                walk(o._metadata, f'{path}._metadata', depth + 1)
+            result = o
+        elif t is list:
+            for i, item in enumerate(o):
+                o[i] = walk(item, f'{path}[{i}]', depth + 1)
+            result = o
+        elif t is tuple:
+            result = tuple(walk(item, f'{path}[{i}]', depth + 1) for i, item in enumerate(o))
         else:
-            objects.append((_resolve(name), name))
-    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith('DType')]
-    return objects + [(cls, f'numpy.dtypes.{cls.__name__}') for cls in dtype_classes]
+            refuse(path, f'{_type_name(o)} is not allowed')
+        active.discard(key)
+        done[key] = result
+        return result
+
+    return walk(obj, '', 0)
 
 
 def _cause(exc: BaseException) -> str:
@@ -184,18 +447,28 @@ def safe_torch_load(path: Union[str, os.PathLike], map_location: Any = 'cpu', so
     check_globals(pickle_globals(path, name), TRUSTED_GLOBALS + torch_allowed_globals(), name)
     try:
         with torch.serialization.safe_globals(_trusted_objects()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except CheckpointError as exc:  # raised by _history_buffer_method
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError as exc:  # raised by a stand-in (STAND_INS)
         raise CheckpointError(f'checkpoint file {name!r}: {exc}') from None
     except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways (KeyError: 101 for a text file)
         raise CheckpointError(f'checkpoint file {name!r} could not be read (truncated, corrupt or not a PyTorch '
                               f'checkpoint): {_cause(exc)}') from None
+    return plain_data(ckpt, name)
+
+
+def _latin1_bytes(text: Any, encoding: Any) -> Any:
+    """``_codecs.encode(text, 'latin1')``, how protocol-2 pickles of Python 3 write bytes; any other call is
+    refused."""
+    if type(text) is str and encoding == 'latin1':
+        return text.encode('latin1')
+    return _StandIn.refusal(f'_codecs.encode({text!r:.30}, {encoding!r:.30}) is not allowed')
 
 
 class _WeightsUnpickler(pickle.Unpickler):
     """Unpickler of plain weight pickles (detectron2 ``.pkl``): dicts of numpy arrays and nothing else. Every
-    global a pickle names, by any opcode, is looked up through :meth:`find_class`."""
-    ALLOWED = NUMPY_GLOBALS + ('collections.OrderedDict',)
+    global a pickle names, by any opcode, is looked up through :meth:`find_class`: the numpy ones and
+    ``_codecs.encode`` stand-ins (:data:`STAND_INS`, :func:`_latin1_bytes`), ``OrderedDict``."""
+    ALLOWED = NUMPY_GLOBALS + ('collections.OrderedDict', '_codecs.encode')
 
     def __init__(self, file: BinaryIO, source: str):
         super().__init__(file, encoding='latin1')  # detectron2's model zoo pickles were written by Python 2
@@ -206,7 +479,9 @@ class _WeightsUnpickler(pickle.Unpickler):
         if full not in self.ALLOWED:
             raise CheckpointError(f'checkpoint file {self.source!r} names {full}: refused (unpickling can run code; '
                                   f'a pickle of weights may name numpy arrays and OrderedDict only)')
-        return super().find_class(module, name)
+        if full == '_codecs.encode':
+            return _latin1_bytes
+        return STAND_INS.get(full) or OrderedDict
 
 
 def load_weights_pickle(path: str) -> Any:
@@ -217,12 +492,13 @@ def load_weights_pickle(path: str) -> Any:
         raise CheckpointError(f'checkpoint file {path!r} does not exist')
     try:
         with open(path, 'rb') as f:
-            return _WeightsUnpickler(f, path).load()
-    except CheckpointError:
-        raise
+            obj = _WeightsUnpickler(f, path).load()
+    except CheckpointError as exc:
+        raise exc if path in str(exc) else CheckpointError(f'checkpoint file {path!r}: {exc}') from None
     except Exception as exc:  # noqa: BLE001 - any failure means it is not a weights pickle
         raise CheckpointError(f'checkpoint file {path!r} could not be read (not a PyTorch checkpoint nor a pickle '
                               f'of numpy weights): {_cause(exc)}') from None
+    return plain_data(obj, path)
 
 
 def checkpoint_weights(ckpt: Any, source: str = 'checkpoint') -> Dict[str, Any]:
@@ -242,23 +518,34 @@ class _NotLiteral(ValueError):
     pass
 
 
-def _literal(node: ast.AST) -> Any:
+#: The most config text :func:`literal_assignments` reads (parsing costs some hundred times the text in memory);
+#: mmengine's ``pretty_text`` of a detector or segmentor config is some 10-30 KB.
+MAX_CONFIG_TEXT = 256 * 1024
+
+
+def _literal(node: ast.AST, depth: int = 0) -> Any:
     """The value of a literal expression: constants, tuples, lists, sets, dicts and ``dict(key=value, ...)``,
-    nested, with unary +/- on numbers. Raises ``_NotLiteral`` naming the first other construct."""
+    nested at most :data:`MAX_DEPTH` deep, with unary +/- on numbers. Raises ``_NotLiteral`` naming the first
+    other construct, a deeper nesting or an unhashable key."""
+    if depth > MAX_DEPTH:
+        raise _NotLiteral(f'nesting deeper than {MAX_DEPTH} levels at line {getattr(node, "lineno", "?")}')
     if isinstance(node, ast.Constant):
         return node.value
-    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
-        items = [_literal(e) for e in node.elts]
-        return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](items)
-    if isinstance(node, ast.Dict):
-        if any(k is None for k in node.keys):
-            raise _NotLiteral(f'a ** expansion at line {node.lineno}')
-        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    try:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            items = [_literal(e, depth + 1) for e in node.elts]
+            return {ast.Tuple: tuple, ast.List: list, ast.Set: set}[type(node)](items)
+        if isinstance(node, ast.Dict):
+            if any(k is None for k in node.keys):
+                raise _NotLiteral(f'a ** expansion at line {node.lineno}')
+            return {_literal(k, depth + 1): _literal(v, depth + 1) for k, v in zip(node.keys, node.values)}
+    except TypeError as exc:  # an unhashable set item or dict key
+        raise _NotLiteral(f'{exc} at line {node.lineno}') from None
     if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == 'dict'
             and not node.args and all(kw.arg is not None for kw in node.keywords)):
-        return {kw.arg: _literal(kw.value) for kw in node.keywords}
+        return {kw.arg: _literal(kw.value, depth + 1) for kw in node.keywords}
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _literal(node.operand)
+        value = _literal(node.operand, depth + 1)
         if isinstance(value, (int, float, complex)) and not isinstance(value, bool):
             return +value if isinstance(node.op, ast.UAdd) else -value
     what = type(node).__name__ if not isinstance(node, ast.Call) else f'a call of {ast.unparse(node.func)}'
@@ -271,11 +558,16 @@ def literal_assignments(text: str, source: str = 'config text') -> Tuple[Dict[st
     Returns ``(values, refused)``: the top-level ``NAME = <literal>`` assignments (see :func:`_literal`: what
     mmengine's ``Config.pretty_text`` writes for plain configs), and for every other top-level assignment the
     construct that made it not a literal. Nothing in ``text`` runs; imports and other statements are ignored.
-    Raises :class:`CheckpointError` naming ``source`` if the text is not Python."""
+    Raises :class:`CheckpointError` naming ``source`` if the text is not Python or longer than
+    :data:`MAX_CONFIG_TEXT`."""
+    if len(text) > MAX_CONFIG_TEXT:
+        raise CheckpointError(f'{source} is {len(text)} characters of config text, more than the '
+                              f'{MAX_CONFIG_TEXT} read')
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError) as exc:
-        raise CheckpointError(f'{source} is not Python text: {exc}') from None
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise CheckpointError(f'{source} is not Python text that can be read: {type(exc).__name__}: '
+                              f'{str(exc)[:200]}') from None
     values: Dict[str, Any] = {}
     refused: Dict[str, str] = {}
     for stmt in tree.body:
@@ -291,15 +583,92 @@ def literal_assignments(text: str, source: str = 'config text') -> Tuple[Dict[st
     return values, refused
 
 
+def _registered(type_name: str) -> bool:
+    """Whether ``type_name`` is a name registered in one of mmengine's registries (``Name``, or ``scope.Name`` in
+    the registry of that scope): one that ``Registry.get`` finds without importing a module by its dotted name."""
+    scope, _, name = type_name.rpartition('.')
+    pending = [r for r in vars(mmengine_registry).values() if isinstance(r, Registry)]
+    while pending:
+        registry = pending.pop()
+        if name in registry.module_dict and scope in ('', registry.scope):
+            return True
+        pending += list(registry._children.values())
+    return False
+
+
+def unregistered_types(value: Any, path: str = '') -> List[str]:
+    """``'path: type'`` of every ``type`` (and ``_scope_``) in the literal config ``value`` (nested dicts and
+    lists) that is not a :func:`_registered` name: what mmengine's builders would import and call by its dotted
+    name, e.g. ``type='subprocess.getoutput'``."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f'{path}.{key}' if path else str(key)
+            if key == '_scope_' or (key == 'type' and not (isinstance(item, str) and _registered(item))):
+                found.append(f'{where}={item!r:.60}')
+            else:
+                found += unregistered_types(item, where)
+    elif isinstance(value, (list, tuple, set)):
+        for i, item in enumerate(value):
+            found += unregistered_types(item, f'{path}[{i}]')
+    return found
+
+
+#: Top-level config names mmengine's ``Config`` acts on when it reads a text: other files (``_base_``) and
+#: modules to import (``custom_imports``).
+CONFIG_ACTIONS = ('_base_', 'custom_imports')
+
+
+def plain_config_text(text: Any, source: str) -> Tuple[Optional[str], List[str]]:
+    """Config text that executing runs nothing: the top-level literal assignments of ``text``
+    (:func:`literal_assignments`) written back as Python literals, without :data:`CONFIG_ACTIONS` and without
+    any whose value names an unregistered type (:func:`unregistered_types`). Returns (that text, or None if
+    nothing is left, ``['name (why)', ...]`` for what was left out)."""
+    if not isinstance(text, str):
+        return None, [f'not text but {type(text).__name__}']
+    try:
+        values, refused = literal_assignments(text, source)
+    except CheckpointError as exc:
+        return None, [str(exc)]
+    left_out = [f'{name} ({why})' for name, why in refused.items()]
+    kept = []
+    for name, value in values.items():
+        unknown = unregistered_types(value, name)
+        if name in CONFIG_ACTIONS or unknown:
+            left_out.append(f'{name} ({"read by mmengine as an action" if name in CONFIG_ACTIONS else "names "}'
+                            f'{", ".join(unknown[:3])})')
+        else:
+            kept.append(f'{name} = {value!r}')
+    return ('\n'.join(kept) + '\n' if kept else None), left_out
+
+
 # ----------------------------------------------------------------------------------- mmengine's loaders
+#: Config text in checkpoints that mmengine executes with ``Config.fromstring``: ``meta.config``
+#: (``Runner.resume``), ``message_hub.runtime_info.cfg`` and ``meta.cfg`` (inferencers built without a config).
+CONFIG_TEXT_PATHS = (('meta', 'config'), ('message_hub', 'runtime_info', 'cfg'), ('meta', 'cfg'))
+
+
 def _for_mmengine(ckpt: Any, source: str) -> Any:
-    """``ckpt`` without ``meta['config']``: config text that mmengine's ``Runner.resume`` would execute (mmengine
-    writes its config to ``meta['cfg']``, which it never executes on resuming)."""
-    meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
-    if isinstance(meta, dict) and 'config' in meta:
-        meta.pop('config')
-        print_log(f'{source}: ignored meta.config (config text in a checkpoint is never executed)',
-                  logger='current', level=logging.WARNING)
+    """``ckpt`` with the config text of :data:`CONFIG_TEXT_PATHS` replaced by :func:`plain_config_text` (removed if
+    nothing is left; ``meta.config`` always removed), each change logged: mmengine executes that text, and
+    builds the types it names."""
+    for path in CONFIG_TEXT_PATHS:
+        parent = ckpt
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or path[-1] not in parent:
+            continue
+        where = '.'.join(path)
+        text, left_out = (None, ['resume reads only its gpu_ids']) if path == ('meta', 'config') else \
+            plain_config_text(parent[path[-1]], f'{where} of {source}')
+        if text is None:
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = text
+        if left_out or text is None:
+            print_log(f'{source}: {where} {"removed" if text is None else "read as literals"}; left out: '
+                      f'{"; ".join(left_out)[:500]} (config text in a checkpoint is never executed)',
+                      logger='current', level=logging.WARNING)
     return ckpt
 
 

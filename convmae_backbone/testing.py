@@ -10,6 +10,8 @@
   the validation metrics it logged;
 * :class:`TinyTeacher`: a small frozen-teacher stand-in for the feature-mimicking objective (CLIP and DINO
   weights cannot be downloaded in tests).
+* :func:`write_tiny_detectron2_config`: a detectron2 LazyConfig of ``configs/detectron2`` with a small backbone,
+  small heads, tiny images, a CPU runtime and given datasets (for ``tools/d2_train.py``).
 """
 import importlib
 import json
@@ -350,6 +352,58 @@ def tiny_seg_config(data_root: str, work_dir: str, backbone: Optional[dict] = No
     cfg.default_hooks.checkpoint.interval = max_iters
     return cfg
 
+
+#: The tiny encoder as the official ViTDet-style ``ConvViT`` arguments (windows of 2 tokens in block 0).
+TINY_D2_NET = dict(img_size=TINY_BACKBONE['img_size'], embed_dim=TINY_ENCODER['embed_dims'],
+                   depth=TINY_ENCODER['depths'], num_heads=TINY_ENCODER['num_heads'], window_size=2,
+                   window_block_indexes=[0], drop_path_rate=0.0)
+_TINY_D2_CONFIG = """\
+# {base} with the tiny encoder, small heads, {size}x{size} images and a CPU runtime (convmae_backbone.testing)
+import detectron2.data.transforms as T
+from detectron2.config import LazyCall as L
+from detectron2.config import LazyConfig
+from detectron2.layers import ShapeSpec
+
+_base = LazyConfig.load({base!r})
+model, dataloader, optimizer, lr_multiplier, train = (_base.model, _base.dataloader, _base.optimizer,
+                                                      _base.lr_multiplier, _base.train)
+model.backbone.net.update({net!r})
+model.backbone.square_pad = {size}
+model.proposal_generator.update(pre_nms_topk=(200, 100), post_nms_topk=(100, 50), batch_size_per_image=64)
+model.roi_heads.update(num_classes={num_classes}, batch_size_per_image=32)
+model.roi_heads.box_head.update(conv_dims=[16], fc_dims=[32])
+model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=32)
+model.roi_heads.mask_head.conv_dims = [16]
+dataloader.train.dataset.names = {train_set!r}
+dataloader.test.dataset.names = {test_set!r}
+dataloader.train.mapper.augmentations = [
+    L(T.RandomFlip)(horizontal=True),
+    L(T.ResizeScale)(min_scale=0.5, max_scale=1.5, target_height={size}, target_width={size}),
+    L(T.FixedSizeCrop)(crop_size=({size}, {size}), pad=False),
+]
+dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length={size}, max_size={size})]
+dataloader.train.update(total_batch_size=2, num_workers=0)
+dataloader.test.num_workers = 0
+train.update(device='cpu', max_iter={max_iter}, eval_period={max_iter}, log_period=1)
+train.amp.enabled = False
+train.ddp.fp16_compression = False
+train.checkpointer = dict(period={checkpoint_period}, max_to_keep=10)
+"""
+
+
+def write_tiny_detectron2_config(path: str, train_set: str, test_set: str, max_iter: int = 4,
+                                 checkpoint_period: int = 2, num_classes: int = len(DET_CLASSES),
+                                 size: int = 64) -> str:
+    """Write (to ``path``) ``configs/detectron2/mask_rcnn_vitdet_convmae_b_25ep.py`` with :data:`TINY_D2_NET`,
+    small heads, LSJ at ``size`` pixels, batch 2, ``max_iter`` CPU iterations (checkpoints every
+    ``checkpoint_period``, evaluation at the end) on the registered datasets ``train_set`` / ``test_set``.
+    Returns ``path``."""
+    text = _TINY_D2_CONFIG.format(base=config_path('detectron2/mask_rcnn_vitdet_convmae_b_25ep.py'),
+                                  net=TINY_D2_NET, size=size, num_classes=num_classes, train_set=train_set,
+                                  test_set=test_set, max_iter=max_iter, checkpoint_period=checkpoint_period)
+    with open(path, 'w') as f:
+        f.write(text)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- running

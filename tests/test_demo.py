@@ -13,6 +13,7 @@ from helpers import load_tool
 
 from convmae_backbone import testing
 from convmae_backbone.apis.visualization import COLUMNS, UNTRAINED_COLUMN, label_height
+from convmae_backbone.engine import reconstruction
 
 demo = load_tool('demo')
 
@@ -50,12 +51,21 @@ def test_demo_end_to_end_small(tmp_path, capfd, monkeypatch):
     assert sum(line.endswith('] summary') for line in log) == 1
     summary = log[[i for i, line in enumerate(log) if line.endswith('] summary')][0]:]
     backbone, finetune_dir = str(out / 'convmae_demo_backbone.pth'), str(out / 'finetune')
-    for path in (out / 'reconstruction.png', out / 'knn_curve.png', backbone,
+    for path in (out / 'reconstruction.png', out / 'reconstruction_curve.png', backbone,
                  osp.join(finetune_dir, 'detection.png'), osp.join(finetune_dir, 'seg.png')):
         assert any(line.endswith(str(path)) for line in summary), (path, summary)
-    knn = [line for line in summary if 'k-NN top-1' in line]
-    assert len(knn) == 1 and re.search(r'[0-9.]+% before pretraining \(random weights\), [0-9.]+% after 2 epochs',
-                                       knn[0]), knn
+    curve = [line for line in summary if line.startswith('  reconstruction_curve.png: ')]
+    assert len(curve) == 1, summary
+    first, last = map(float, re.search(r'norm-pix MSE on the masked patches of 140 held-out crops \(never trained '
+                                       r'on\), the same masks every epoch: ([0-9.]+) untrained -> ([0-9.]+) after 2 '
+                                       r'epochs \(-?[0-9]+% lower\)', curve[0]).groups())
+    scalars = next((out / 'pretrain').rglob('scalars.json'))
+    epochs, errors = reconstruction.read_reconstruction_curve(str(scalars))
+    assert epochs == [0, 1, 2] and (round(errors[0], 3), round(errors[-1], 3)) == (first, last)
+    assert 0.5 < errors[0] < 2  # norm-pix targets have unit variance per patch: an untrained model is near 1
+    with Image.open(out / 'reconstruction_curve.png') as png:
+        curve_pixels = np.asarray(png.convert('RGB'))
+    assert (curve_pixels < 100).any() and (curve_pixels > 250).mean() > 0.5  # drawn on white
     assert any('bbox mAP 0.500' in line for line in summary) and any('mIoU 40.00' in line for line in summary)
     # 42 views, batch 32, drop_last: 1 iteration per epoch
     assert any('pretraining: iteration 2/2 (epoch 2/2), loss ' in line and line.endswith(' s') for line in log)

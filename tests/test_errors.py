@@ -202,7 +202,7 @@ def test_every_config_shipped_passes_the_keyword_check():
     """No false alarm: every component keyword of the shipped configs (and the tiny test configs built from
     them) exists; norm_cfg's requires_grad and other *_cfg contents are left to their builders."""
     from convmae_backbone import testing
-    configs = sorted((ROOT / 'configs').rglob('*.py'))
+    configs = sorted(p for p in (ROOT / 'configs').rglob('*.py') if p.parent.name != 'detectron2')  # LazyConfigs
     assert len(configs) >= 6
     for path in configs:
         cli.load_config(str(path))

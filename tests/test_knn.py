@@ -181,14 +181,16 @@ def test_bad_folders_are_named(tmp_path):
 
 
 def test_hook_in_tiny_demo_pretraining_logs_knn_and_draws_curve(tmp_path):
-    """tools/pretrain.py on the demo config (its KNNMonitorHook follows the training data root): k-NN accuracy
-    logged before training and after the last epoch (3), then drawn as a PNG."""
+    """tools/pretrain.py on the demo config with a KNNMonitorHook (following the training data root): k-NN
+    accuracy logged before training and after the last epoch (3), then drawn as a PNG."""
     from convmae_backbone.testing import write_demo_images
     images = str(tmp_path / 'images')
     write_demo_images(images, views_per_photo=3, size=64, seed=0, val_views_per_photo=2)
     work = str(tmp_path / 'work')
-    cmd = [sys.executable, osp.join(REPO, 'tools', 'pretrain.py'), osp.join(REPO, 'configs', 'pretrain',
-                                                                            'convmae-tiny_demo.py'),
+    config = tmp_path / 'demo_knn.py'
+    config.write_text(f"_base_ = [{osp.join(REPO, 'configs', 'pretrain', 'convmae-tiny_demo.py')!r}]\n"
+                      "custom_hooks = [dict(type='KNNMonitorHook', interval=4)]\n")
+    cmd = [sys.executable, osp.join(REPO, 'tools', 'pretrain.py'), str(config),
            '--work-dir', work, '--cfg-options', f'train_dataloader.dataset.data_root={images}',
            'train_cfg.max_epochs=3', 'train_dataloader.batch_size=14', 'model.depths=[1,1,1]',
            'model.decoder_depth=1']

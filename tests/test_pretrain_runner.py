@@ -138,7 +138,7 @@ def test_demo_config_inherits_base():
     assert cfg.optim_wrapper.optimizer.betas == (0.9, 0.95)
     assert cfg.default_hooks.checkpoint.type == 'AtomicCheckpointHook'
     assert {h['type'] for h in cfg.custom_hooks} == {'NonFiniteLossHook', 'ReseedHook', 'PlainParamGroupsHook',
-                                                     'KNNMonitorHook'}
+                                                     'ReconstructionMonitorHook'}
     crop = next(t for t in cfg.train_dataloader.dataset.pipeline if t.type.endswith('RandomResizedCrop'))
     assert crop.size == cfg.model.img_size
     model = MODELS.build(cfg.model)

@@ -1,10 +1,13 @@
 """End-to-end ConvMAE demo on CPU (what ``make demo`` runs), a few minutes on 2 cores.
 
-1. writes random views of the photographs shipped with scikit-image to OUT/images/train/<photo>/,
-2. pretrains a small ConvMAE on them (configs/pretrain/convmae-tiny_demo.py),
+1. writes random views of the photographs shipped with scikit-image to OUT/images/train/<photo>/ (and
+   held-out views to OUT/images/val/<photo>/),
+2. pretrains a small ConvMAE on the train/ views (configs/pretrain/convmae-tiny_demo.py), measuring the
+   masked-patch error on the held-out views before training and after every epoch,
 3. writes OUT/reconstruction.png (labelled columns: original | masked | reconstruction | reconstruction +
-   visible blocks | the same for an untrained model; the caption compares their errors) and the exported
-   backbone OUT/convmae_demo_backbone.pth,
+   visible blocks | the same for an untrained model; the caption compares their errors),
+   OUT/reconstruction_curve.png (that held-out error per epoch against the untrained model's, same masks) and
+   the exported backbone OUT/convmae_demo_backbone.pth,
 4. runs tools/demo_finetune.py (Mask R-CNN and UperNet fine-tuned from that backbone, then run on a photograph:
    OUT/finetune/detection.png, OUT/finetune/segmentation.png),
 5. prints one summary with every file it wrote.
@@ -39,8 +42,10 @@ from convmae_backbone.apis import cli  # noqa: E402
 from convmae_backbone.apis.export import export_backbone  # noqa: E402
 from convmae_backbone.apis.visualization import stored_config, titled_row, visualize  # noqa: E402
 from convmae_backbone.checkpoint import safe_torch_load  # noqa: E402
+from convmae_backbone.datasets import list_images  # noqa: E402
 from convmae_backbone.engine.hooks import last_checkpoint  # noqa: E402
-from convmae_backbone.engine.knn import plot_knn_curve, read_knn_curve  # noqa: E402
+from convmae_backbone.engine.reconstruction import (plot_reconstruction_curve,  # noqa: E402
+                                                    read_reconstruction_curve)
 from convmae_backbone.models.arch import check_arch, infer_arch, model_arch  # noqa: E402
 from convmae_backbone.models.weights import extract_state_dict  # noqa: E402
 from convmae_backbone.resources import config_path, model_configs  # noqa: E402
@@ -336,22 +341,26 @@ def pretrain_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, v
     export_backbone(ckpt, backbone)
     say(f'reconstruction figure written; {caption}')
     files = dict(checkpoint=ckpt, reconstruction=png, backbone=backbone)
-    knn = knn_summary(runner, out_dir, files)
-    if knn:
-        say(knn)
-    return dict(losses=losses, caption=caption, knn=knn, files=files)
+    curve = reconstruction_summary(runner, out_dir, files)
+    if curve:
+        say(curve)
+    return dict(losses=losses, caption=caption, curve=curve, files=files)
 
 
-def knn_summary(runner, out_dir: str, files: dict) -> Optional[str]:
-    """The k-NN monitor's top-1 before and after pretraining (which photograph is a crop from), and its curve
-    drawn to ``out_dir/knn_curve.png`` (added to ``files``); None when the run logged no k-NN."""
+def reconstruction_summary(runner, out_dir: str, files: dict) -> Optional[str]:
+    """The reconstruction monitor's held-out error before and after pretraining, and its curve drawn to
+    ``out_dir/reconstruction_curve.png`` (added to ``files``); None when the run logged none."""
     scalars = osp.join(runner.log_dir, 'vis_data', 'scalars.json')
-    epochs, top1 = read_knn_curve(scalars) if osp.isfile(scalars) else ([], [])
-    if not epochs:
+    try:
+        epochs, errors = read_reconstruction_curve(scalars)
+    except (OSError, ValueError):
         return None
-    files['knn_curve'] = plot_knn_curve(scalars, osp.join(out_dir, 'knn_curve.png'))
-    return (f'k-NN top-1 (which photograph is a val crop from, {len(DEMO_PHOTOS)} photographs): '
-            f'{top1[0]:.1f}% before pretraining (random weights), {top1[-1]:.1f}% after {epochs[-1]} epochs')
+    what = f'{len(list_images(osp.join(runner.cfg.train_dataloader.dataset.data_root, "val")))} held-out crops'
+    files['reconstruction_curve'] = plot_reconstruction_curve(
+        scalars, osp.join(out_dir, 'reconstruction_curve.png'), what)
+    return (f'reconstruction_curve.png: norm-pix MSE on the masked patches of {what} (never trained on), the '
+            f'same masks every epoch: {errors[0]:.3f} untrained -> {errors[-1]:.3f} after {epochs[-1]} epochs '
+            f'({1 - errors[-1] / errors[0]:.0%} lower)')
 
 
 def run_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, finetune_script: Optional[str] = None,
@@ -382,7 +391,7 @@ def run_demo(out_dir: str, epochs: Optional[int] = None, views: int = 40, finetu
     say('summary\n' + '\n'.join([
         f'  pretraining: {len(losses)} iterations, loss {losses[0]:.3f} (first) -> {losses[-1]:.3f} (last)',
         f'  {pre["caption"]}',
-        *([f'  {pre["knn"]}'] if pre['knn'] else []),
+        *([f'  {pre["curve"]}'] if pre['curve'] else []),
         *(f'  {key + ":":15s} {path}' for key, path in pre['files'].items()),
         *lines]))
     return rc

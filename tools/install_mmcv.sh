@@ -78,6 +78,13 @@ cuda_ops_decision() {
   echo cuda
 }
 
+# wheel_tag TORCH_VERSION TORCH_CUDA OPS: the cache key of a compiled wheel ("2.14.1_cu130-cpu"), naming the torch
+# build and whether CUDA ops are compiled, so that a wheel is only reused where it is ABI compatible.
+wheel_tag() {
+  local tag=${1//+/_}
+  if [ "$3" = cuda ]; then echo "$tag-cu${2//./}"; else echo "$tag-cpu"; fi
+}
+
 main() {
   local dry_run=0
   if [ "${1:-}" = --dry-run ]; then dry_run=1; shift; fi
@@ -93,11 +100,7 @@ main() {
     CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(find_nvcc)")")}
     export CUDA_HOME
   fi
-  # The cache key names the torch build and whether CUDA ops are compiled, so a wheel is only reused
-  # where it is ABI compatible.
-  local tag=${torch_version//+/_}
-  if [ "$ops" = cuda ]; then tag="$tag-cu${torch_cuda//./}"; else tag="$tag-cpu"; fi
-  WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-torch$tag"
+  WHEEL_DIR="$CACHE/mmcv-$MMCV_VERSION-torch$(wheel_tag "$torch_version" "$torch_cuda" "$ops")"
   if [ "$dry_run" = 1 ]; then
     echo "ops=$ops wheel_dir=$WHEEL_DIR"
     return 0

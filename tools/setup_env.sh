@@ -10,6 +10,8 @@
 #      and a matching nvcc are there, or FORCE_CUDA=1; CPU ops otherwise, saying why).
 #   3. mmdet 3.3.0, mmsegmentation 1.2.2, mmpretrain 1.2.0, the rest, and this package in editable mode, never
 #      replacing torch.
+#   4. detectron2 at a pinned commit, built from $DETECTRON2_SRC once and cached (tools/install_detectron2.sh),
+#      with its dependencies from the registry under the same constraints.
 # Usage: tools/setup_env.sh [PYTHON] [VENV]
 set -euo pipefail
 PYTHON=${1:-python3}
@@ -50,5 +52,6 @@ bash tools/install_mmcv.sh "$PY"
 echo "[setup_env] installing mmdet, mmsegmentation, mmpretrain and convmae_backbone (editable)"
 "${PIP[@]}" install -q -c "$CONSTRAINTS" "setuptools>=77,<81" "mmengine==0.10.7" "mmdet==3.3.0" "mmsegmentation==1.2.2" \
   "mmpretrain==1.2.0" -e ".[tests]" 2>&1 | grep -v "^WARNING: Location" || true
+bash tools/install_detectron2.sh "$PY" "$CONSTRAINTS"
 "$PY" -W ignore -c "import pkg_resources, convmae_backbone, mmdet, mmseg, mmpretrain, mmcv.ops; print('[setup_env] ready: mmcv', \
 mmcv.__version__, 'mmdet', mmdet.__version__, 'mmseg', mmseg.__version__, 'mmpretrain', mmpretrain.__version__)"

@@ -211,6 +211,9 @@ def config_from_args(args: argparse.Namespace, scopes: Optional[Sequence[str]] =
     if getattr(args, 'resume', None) is not None:
         cfg.resume = True
         cfg.load_from = None if args.resume == 'auto' else args.resume
+        # mmengine's Runner.resume reads meta, message_hub, ... with a traceback for a file without them
+        cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [
+            dict(type='ResumeCheckHook', checkpoint=cfg.load_from)]
     check_schedule(cfg)
     check_zero(cfg)
     return cfg

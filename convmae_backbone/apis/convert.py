@@ -28,7 +28,6 @@ them); ``tests/test_convert.py`` checks each of these against mmdet.
 """
 import os
 import re
-import zipfile
 from collections import OrderedDict
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..checkpoint import CheckpointError, atomic_write, checkpoint_weights, load_weights_pickle, safe_torch_load
+from ..checkpoint import (CheckpointError, atomic_write, checkpoint_weights, is_torch_zip, load_weights_pickle,
+                          safe_torch_load)
 
 KINDS = ('det', 'vitdet', 'seg', 'cls')
 
@@ -190,8 +190,11 @@ def fill_num_batches_tracked(state: 'OrderedDict[str, Tensor]') -> List[str]:
 def _as_tensor(key: str, value, source: str) -> Tensor:
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.ndarray):  # of a plain numeric dtype, its bytes checked (checkpoint.plain_data)
+        try:
+            return torch.from_numpy(np.ascontiguousarray(value))
+        except TypeError as exc:  # a numpy dtype torch has no counterpart of
+            raise CheckpointError(f'{source}: value of {key!r}: {exc}') from None
     raise CheckpointError(f'{source}: value of {key!r} is a {type(value).__name__}, not a tensor or array')
 
 
@@ -221,7 +224,7 @@ def load_source(path: str) -> dict:
     """Read a checkpoint with :func:`..checkpoint.safe_torch_load`, or a plain pickle of numpy arrays (detectron2
     ``.pkl``) with :func:`..checkpoint.load_weights_pickle`. Any unreadable file, and any file naming a global
     that neither allows, raises :class:`CheckpointError`."""
-    if not os.path.isfile(path) or zipfile.is_zipfile(path):
+    if not os.path.isfile(path) or is_torch_zip(path):
         return safe_torch_load(path)
     first = load_weights_pickle(path)
     return first if isinstance(first, dict) else safe_torch_load(path)  # a legacy torch file: magic number first

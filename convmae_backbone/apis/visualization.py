@@ -5,7 +5,8 @@ back; for a complementary-masking (Fast ConvMAE) model: original, then per view 
 reconstruction with the view's visible blocks pasted back. With a norm-pix model the predicted patches are un-normalised with each target patch's own mean and
 variance, as in MAE.
 """
-from typing import Optional, Sequence, Tuple
+import math
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -13,10 +14,12 @@ from mmengine.config import Config
 from mmengine.registry import MODELS
 from PIL import Image
 
-from ..checkpoint import CheckpointError, checkpoint_weights, literal_assignments, safe_torch_load
+from ..checkpoint import (CheckpointError, checkpoint_weights, literal_assignments, safe_torch_load,
+                          unregistered_types)
 from ..datasets import to_rgb8
 from ..models import ConvMAEPretrainer
 from ..models.pretrainer import RECONSTRUCTION_LOSS
+from ..models.arch import check_arch, check_weights_fill, infer_arch, model_arch, parameter_floor
 from ..models.masking import upsample_mask
 from ..models.utils import unpatchify
 from ..models.weights import extract_state_dict, holds_decoder, is_pretraining_only
@@ -30,11 +33,19 @@ def stored_config(ckpt: dict, source: str = 'checkpoint') -> Optional[Config]:
     if not isinstance(text, str) or not text:
         return None
     values, refused = literal_assignments(text, f'meta.cfg of {source}')
-    if 'model' not in values:
-        why = f'is not a literal ({refused["model"]})' if 'model' in refused else 'assigns no model'
-        raise CheckpointError(f'the config stored in {source} (meta.cfg) {why}; config text in a checkpoint is '
-                              f'never executed: pass --config')
-    return Config(dict(model=values['model']))
+    model = values.get('model')
+    unknown = unregistered_types(model, 'model')
+    why = (f'is not a literal ({refused["model"]})' if 'model' in refused else 'assigns no model' if model is None
+           else f'assigns model a {type(model).__name__}, not a dict' if not isinstance(model, dict) else
+           f'names types no registry holds, which mmengine would import by name ({", ".join(unknown[:3])})'
+           if unknown else None)
+    if why is None:
+        try:
+            return Config(dict(model=model))
+        except Exception as exc:  # noqa: BLE001 - mmengine's ConfigDict refuses some keys in many ways
+            why = f'is not a config ({type(exc).__name__}: {str(exc)[:200]})'
+    raise CheckpointError(f'the config stored in {source} (meta.cfg) {why}; config text in a checkpoint is never '
+                          f'executed: pass --config')
 
 
 NEEDS = ('give a checkpoint written by tools/pretrain.py, or an official ConvMAE pretraining checkpoint with '
@@ -96,6 +107,38 @@ def pretraining_model_config(ckpt_path: str, ckpt: dict, config: Optional[str] =
     return model_cfg
 
 
+def check_config_sizes(model_cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Before a ConvMAEPretrainer is built from the config stored in checkpoint ``source``, raise
+    :class:`CheckpointError` unless the sizes it gives are those of the weights ``state`` (encoder names): the
+    encoder's shape fields (:func:`..models.arch.check_arch`), the position-embedding grid, the decoder's width
+    and depth; and unless the weights store at least what the encoder of their shapes holds
+    (:func:`..models.arch.check_weights_fill`)."""
+    where = f'the config stored in {source} (meta.cfg)'
+    try:
+        inferred = infer_arch(state)
+        check_arch(model_arch(model_cfg), inferred, source)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f'{where} does not fit its weights: {exc}') from None
+    check_weights_fill(parameter_floor(inferred), state, source, 'the encoder its shapes claim')
+    tokens = int(state['pos_embed'].shape[1])
+    decoder = state.get('decoder_embed.weight')
+    claimed = dict(decoder_depth=len({k.split('.')[1] for k in state if k.startswith('decoder_blocks.')}),
+                   decoder_embed_dim=None if decoder is None else int(decoder.shape[0]))
+    grid = model_cfg.get('pos_embed_grid') or model_cfg.get('img_size', inferred['img_size'])
+    try:
+        stride = math.prod(inferred['patch_sizes'])
+        side = (grid, grid) if isinstance(grid, int) else tuple(grid)
+        cells = math.prod(side) if model_cfg.get('pos_embed_grid') else math.prod(s // stride for s in side)
+        differing = [f'{k}: config {model_cfg[k]!r}, checkpoint {v!r}' for k, v in claimed.items()
+                     if k in model_cfg and model_cfg[k] != v]
+    except TypeError as exc:
+        raise CheckpointError(f'{where} gives sizes that are not numbers: {exc}') from None
+    if cells != tokens:
+        differing.append(f'position grid: config {grid!r} ({cells} tokens), checkpoint {tokens} tokens')
+    if differing:
+        raise CheckpointError(f'{where} does not fit its weights, refused before building: ' + '; '.join(differing))
+
+
 def build_model(ckpt_path: str, config: Optional[str] = None,
                 mask_ratio: Optional[float] = None, weights: bool = True) -> ConvMAEPretrainer:
     """The ConvMAEPretrainer of the checkpoint's config (:func:`pretraining_model_config`) in eval mode, with the
@@ -110,7 +153,15 @@ def build_model(ckpt_path: str, config: Optional[str] = None,
                               f'ConvMAEPretrainer; {NEEDS}')
     model_cfg.pop('init_cfg', None)  # the weights come from the checkpoint; nothing else is read
     model_cfg.pop('mimic', None)
-    model = MODELS.build(model_cfg)
+    state = extract_state_dict(ckpt)
+    if not config:
+        check_config_sizes(model_cfg, state, ckpt_path)
+    try:
+        model = MODELS.build(model_cfg)
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:  # e.g. an unknown keyword
+        where = config or f'the config stored in {ckpt_path} (meta.cfg)'
+        raise CheckpointError(f'{where} does not build a ConvMAEPretrainer: {type(exc).__name__}: '
+                              f'{str(exc)[:300]}') from None
     if weights:
         own = model.state_dict()
         state = {k: v for k, v in extract_state_dict(ckpt).items() if k in own or not is_pretraining_only(k)}
@@ -175,10 +226,10 @@ def columns(views: int = 1) -> Tuple[str, ...]:
 @torch.no_grad()
 def reconstruction_error(model: ConvMAEPretrainer, images: torch.Tensor, seed: int = 0) -> float:
     """The model's reconstruction loss (e.g. norm-pix MSE over the masked patches) on images uint8 (B, 3, H, W),
-    with the mask drawn from ``seed`` as in :func:`reconstruct`: the same masks for any model of the same input
-    size."""
+    with the mask drawn from ``seed`` (by a generator on the model's device; on CPU as in :func:`reconstruct`): the
+    same masks for any model of the same input size on the same device."""
     x = model.data_preprocessor(dict(inputs=list(images)), False)['inputs']
-    out = model.forward_mae(x, generator=torch.Generator().manual_seed(seed))
+    out = model.forward_mae(x, generator=torch.Generator(x.device).manual_seed(seed))
     return float(out.losses[RECONSTRUCTION_LOSS])
 
 

@@ -9,6 +9,8 @@
   checkpoint behind, nor a run without any checkpoint. With mmengine's ``ZeroRedundancyOptimizer`` every
   process takes part in gathering the sharded optimizer state, so the checkpoint holds all of it (mmengine's
   own ``CheckpointHook`` would leave the main process waiting for the others).
+* :class:`ResumeCheckHook` refuses to resume from a checkpoint without what mmengine's ``Runner.resume`` reads
+  (``--resume`` of the tools adds it), naming the file instead of a traceback.
 * :class:`LoadedWeightsCheckHook` refuses a checkpoint that would leave most of the model unloaded (mmengine
   loads ``load_from`` with ``strict=False`` and only warns); ``tools/test.py`` adds it.
 * :class:`ReseedHook` re-seeds Python, numpy and torch at the start of every epoch from (seed, epoch, rank)
@@ -33,7 +35,7 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import ZeroRedundancyOptimizer
 
-from ..checkpoint import atomic_write, checkpoint_weights, safe_torch_load
+from ..checkpoint import CheckpointError, atomic_write, checkpoint_weights, safe_torch_load
 from ..models.weights import check_filled, resizable
 from ..registry import register
 
@@ -241,6 +243,32 @@ class PlainParamGroupsHook(Hook):
 
 
 @register('HOOKS')
+class ResumeCheckHook(Hook):
+    """When the Runner resumes, raise :class:`~convmae_backbone.checkpoint.CheckpointError` naming the checkpoint
+    unless it holds what mmengine's ``Runner.resume`` reads: a dict with ``meta`` (``epoch`` and ``iter``
+    integers), ``message_hub`` and ``state_dict`` dicts. Added by the tools with ``--resume``; ``checkpoint``:
+    the file, or None for the latest of the work dir."""
+
+    priority = 'VERY_HIGH'
+
+    def __init__(self, checkpoint: Optional[str] = None):
+        self.checkpoint = checkpoint
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        meta = checkpoint.get('meta') if isinstance(checkpoint, dict) else None
+        why = (f'holds a {type(checkpoint).__name__}, not a dict' if not isinstance(checkpoint, dict) else
+               'has no meta dict' if not isinstance(meta, dict) else
+               "has no integer meta['epoch'] and meta['iter']" if not all(
+                   type(meta.get(k)) is int for k in ('epoch', 'iter')) else
+               next((f'has no {k} dict' for k in ('message_hub', 'state_dict')
+                     if not isinstance(checkpoint.get(k), dict)), None))
+        if why:
+            name = self.checkpoint or last_checkpoint(runner.work_dir)
+            raise CheckpointError(f'checkpoint {name!r} {why}: it cannot be resumed (a checkpoint that '
+                                  f'tools/pretrain.py or tools/train.py wrote can)')
+
+
+@register('HOOKS')
 class LoadedWeightsCheckHook(Hook):
     """Before the Runner loads ``checkpoint`` (``load_from``) into the model, raise
     :class:`~convmae_backbone.checkpoint.CheckpointError` if it fills fewer than ``min_loaded`` of the model's
@@ -257,7 +285,13 @@ class LoadedWeightsCheckHook(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        state = checkpoint.get('state_dict', checkpoint)  # what mmengine's _load_checkpoint_to_model loads
+        if not isinstance(checkpoint, dict):
+            raise CheckpointError(f'checkpoint {self.checkpoint!r} holds a {type(checkpoint).__name__}, not a dict '
+                                  f'of weights')
+        state = checkpoint.get('state_dict', checkpoint)
+        if not isinstance(state, dict):
+            raise CheckpointError(f'checkpoint {self.checkpoint!r}: its state_dict is a {type(state).__name__}, not '
+                                  f'a dict of weights')  # what mmengine's _load_checkpoint_to_model loads
         state = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state.items()}
         own = model.state_dict()
         filled = [k for k, v in own.items() if torch.is_tensor(state.get(k)) and (

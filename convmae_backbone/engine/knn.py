@@ -325,7 +325,8 @@ def read_knn_curve(scalars_json: str, key: str = KNN_KEYS[0]) -> Tuple[List[int]
                 epochs.append(int(entry['step']))
                 values.append(float(entry[key]))
     if not epochs:
-        raise ValueError(f'{scalars_json} holds no {key!r} entries (was KNNMonitorHook in custom_hooks?)')
+        hook = 'KNNMonitorHook' if key in KNN_KEYS else 'the hook that logs it'
+        raise ValueError(f'{scalars_json} holds no {key!r} entries (was {hook} in custom_hooks?)')
     return epochs, values
 
 

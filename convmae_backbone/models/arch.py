@@ -11,6 +11,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from ..checkpoint import CheckpointError
+from .utils import pos_embed_layout
+
 #: The :class:`ConvViT` keyword arguments that weight shapes fix, compared by :func:`check_arch`. ``img_size``
 #: is not among them (``pos_embed`` is resized to the model's grid on loading), nor ``num_heads``.
 SHAPE_FIELDS = ('in_channels', 'patch_sizes', 'embed_dims', 'depths', 'mlp_ratios', 'conv_kernel_size')
@@ -75,8 +78,15 @@ def model_arch(model_cfg: Mapping[str, object]) -> Dict[str, object]:
 
 
 def _ratio(hidden: int, dim: int) -> Union[int, float]:
+    """The MLP ratio that gives ``hidden`` channels over ``dim`` as the blocks compute them,
+    ``int(dim * ratio)``: ``hidden / dim``, or the next float above it where rounding would lose a channel
+    (e.g. 15 / 11)."""
     r = hidden / dim
-    return int(r) if r.is_integer() else r
+    if r.is_integer():
+        return int(r)
+    while int(dim * r) < hidden:
+        r = math.nextafter(r, math.inf)
+    return r
 
 
 def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
@@ -84,7 +94,10 @@ def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None
     ``num_heads``, ``mlp_ratios``, ``conv_kernel_size``) of the encoder weights in ``state_dict`` (encoder names, no wrapper prefix:
     see :func:`.weights.extract_state_dict`). Per-stage values are 3-tuples; ``img_size`` is an int (the
     square ``pos_embed`` grid times the product of the patch sizes). Raises ``ValueError`` naming a missing
-    key or an impossible shape."""
+    key or an impossible shape.
+
+    ConvMAE-v2 layouts read the same way: a ``cls_token`` is not an architecture field, and a ``pos_embed`` with
+    one class-token row before its square grid gives the grid's ``img_size``."""
     def get(key: str) -> Tensor:
         if key not in state_dict:
             raise ValueError(f'no {key} among the weights (first keys: {list(state_dict)[:5]}); not a ConvMAE '
@@ -99,9 +112,10 @@ def infer_arch(state_dict: Mapping[str, Tensor], num_heads: Optional[int] = None
     mlp_ratios = tuple(_ratio(int(get(f'blocks{i}.0.mlp.fc1.weight').shape[0]), embed_dims[i - 1])
                        for i in (1, 2, 3))
     tokens = int(get('pos_embed').shape[1])
-    side = math.isqrt(tokens)
-    if side * side != tokens:
-        raise ValueError(f'pos_embed has {tokens} tokens, not a square grid; cannot infer img_size')
+    try:
+        side, _ = pos_embed_layout(tokens)  # a class-token row (ConvMAE-v2) is not part of the grid
+    except ValueError as exc:
+        raise ValueError(f'{exc}; cannot infer img_size') from None
     if num_heads is None:
         rel_pos = state_dict.get('blocks3.0.attn.rel_pos_h')  # (2 * size - 1, head_dim)
         num_heads = embed_dims[2] // int(rel_pos.shape[1] if rel_pos is not None else HEAD_DIM)
@@ -139,3 +153,42 @@ def check_arch(config: Mapping[str, object], inferred: Mapping[str, object], sou
     if differing:
         raise ValueError(f'the architecture in the config differs from the weights in {source}: '
                          + '; '.join(differing))
+
+
+def stored_elements(state: Mapping[str, Tensor], source: str) -> int:
+    """How many elements the tensors of ``state`` store, each storage counted once. Raises
+    :class:`CheckpointError` naming ``source`` and the first tensor whose shape claims more elements than its
+    storage holds (an expanded or self-overlapping view: a few stored bytes standing for a large tensor)."""
+    storages: Dict[int, int] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            continue
+        storage = value.untyped_storage()
+        if value.numel() * value.element_size() > storage.nbytes():
+            raise CheckpointError(f'{source}: {key} of shape {tuple(value.shape)} is stored in {storage.nbytes()} '
+                                  f'bytes (an expanded view); weights must be stored whole')
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes() //
+                                           value.element_size())
+    return sum(storages.values())
+
+
+def parameter_floor(fields: Mapping[str, object]) -> int:
+    """At least how many weights an encoder of ``fields`` (:func:`infer_arch`'s, or a config's resolved
+    :data:`ARCH_FIELDS` with ``img_size``) holds: the two linear layers of every block's MLP and the
+    position embedding of the ``img_size`` grid."""
+    dims = [int(d) for d in _per_stage(fields['embed_dims'])]
+    hidden = [int(d * r) for d, r in zip(dims, _per_stage(fields['mlp_ratios']))]
+    mlps = sum(2 * d * h * int(n) for d, h, n in zip(dims, hidden, _per_stage(fields['depths'])))
+    img = _per_stage(fields.get('img_size', 0))
+    stride = math.prod(int(p) for p in _per_stage(fields['patch_sizes']))
+    return mlps + (int(img[0]) // stride) * (int(img[1]) // stride) * dims[2]
+
+
+def check_weights_fill(floor: int, state: Mapping[str, Tensor], source: str, what: str) -> None:
+    """Before a model of at least ``floor`` weights (``what``, e.g. the sizes a checkpoint's shapes claim) is
+    built, raise :class:`CheckpointError` naming ``source`` unless the tensors of ``state`` store that many
+    (:func:`stored_elements`): a small file cannot make a large model."""
+    stored = stored_elements(state, source)
+    if stored < floor:
+        raise CheckpointError(f'{source}: {what} needs at least {floor} weights, its tensors store {stored}; '
+                              f'refused before building it')

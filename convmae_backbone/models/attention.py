@@ -27,7 +27,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .utils import gelu_linear
+from .utils import gelu_linear, is_traced
 
 #: Relative position bias of one attention layer: none, ViTDet's decomposed tables, or its own BEiT table.
 ATTENTION_REL_POS = ('none', 'decomposed', 'table')
@@ -133,10 +133,11 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None) ->
     On CPU, in bf16/fp16 with autograd and up to :data:`CPU_MATH_MAX_KEYS` keys (the pretraining encoder and
     decoder at 224), it runs SDPA's math kernel, which computes in fp32 and whose backward is much faster there
     than the flash kernel's for short sequences (``tools/benchmark.py`` measures the step). Elsewhere PyTorch
-    picks (flash on CPU: never the (N, N) matrix).
+    picks (flash on CPU: never the (N, N) matrix), as it does in a ``torch.fx`` graph.
     """
-    if (q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= CPU_MATH_MAX_KEYS
-            and torch.is_grad_enabled() and q.requires_grad and not is_exporting()):
+    if (not is_traced(q) and q.device.type == 'cpu' and q.dtype in (torch.bfloat16, torch.float16)
+            and k.shape[-2] <= CPU_MATH_MAX_KEYS and torch.is_grad_enabled() and q.requires_grad
+            and not is_exporting()):
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

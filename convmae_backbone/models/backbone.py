@@ -1,13 +1,17 @@
 """``ConvMAE``: the ConvMAE encoder as an mmdet/mmseg backbone."""
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register
-from .arch import check_arch, infer_arch
+from .arch import check_arch, check_weights_fill, infer_arch, parameter_floor
 from .convvit import ConvViT
 from .weights import pretrained_state, split_init_cfg
+
+#: H/16 positions (stage-3 tokens) along each side that an image must give at least.
+MIN_POSITIONS = 2
 
 
 @register('MODELS', downstream=True)
@@ -88,6 +92,8 @@ class ConvMAE(ConvViT):
                              f"checkpoint=...), got init_cfg={kwargs.get('init_cfg')!r}")
         state = pretrained_state(pretrained[0])
         inferred = infer_arch(state, kwargs.get('num_heads'))
+        check_weights_fill(parameter_floor(inferred), state, pretrained[0]['checkpoint'],
+                           f'the encoder its shapes claim ({", ".join(f"{k}={v}" for k, v in inferred.items())})')
         check_arch(kwargs, inferred, pretrained[0]['checkpoint'])
         return {**inferred, **kwargs}, state
 
@@ -116,17 +122,19 @@ class ConvMAE(ConvViT):
         self._freeze_stages()
         return self
 
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f'ConvMAE expects images of shape (B, {self.in_channels}, H, W), '
-                             f'got {tuple(x.shape)}')
-        least = (3 if self.h32 == 'fpn' else 2) * self.patch_size  # 'fpn' convolves 3x3 H/16 positions
-        if min(x.shape[2:]) < least:
-            raise ValueError(f'ConvMAE expects H and W of at least {least} pixels, got {tuple(x.shape[2:])}')
+    @property
+    def min_side(self) -> int:
+        """The least H and W in pixels: :data:`MIN_POSITIONS` H/16 positions, one more with the ``fpn`` branch
+        (a 3x3 convolution of them)."""
+        return (MIN_POSITIONS + (self.h32 == 'fpn')) * self.patch_size
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        """``x`` itself, or a ``ValueError`` naming what is wrong with its shape (also in a ``torch.fx`` graph)."""
+        return check_images(x, self.in_channels, self.min_side)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """(B, C, H, W) -> the maps of ``out_indices`` (NCHW), or ``((B, C3),)`` with ``out_type='avg_featmap'``."""
-        self._check_input(x)
+        x = self._check_input(x)
         h, w = x.shape[2], x.shape[3]
         maps = list(self.forward_features(self.pad_to_patch(x)))
         if self.out_type == 'avg_featmap':
@@ -142,6 +150,16 @@ class ConvMAE(ConvViT):
         """Pixels per position of each returned map (``out_indices`` order; 32 for the H/32 map)."""
         strides = (*self.strides, 2 * self.patch_size)
         return tuple(strides[i] for i in self.out_indices)
+
+
+@torch.fx.wrap  # a leaf of torch.fx graphs (it reads the shape), kept in them since its output is used
+def check_images(x: Tensor, channels: int, least: int) -> Tensor:
+    """``x`` if it is a batch of images (B, ``channels``, H, W) with H, W >= ``least``, else a ``ValueError``."""
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f'ConvMAE expects images of shape (B, {channels}, H, W), got {tuple(x.shape)}')
+    if min(x.shape[2:]) < least:
+        raise ValueError(f'ConvMAE expects H and W of at least {least} pixels, got {tuple(x.shape[2:])}')
+    return x
 
 
 def crop_maps(maps: Sequence[Tensor], strides: Sequence[int], hw: Tuple[int, int]) -> Tuple[Tensor, ...]:

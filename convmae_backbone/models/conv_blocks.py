@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .masking import BlockMask
 from .sparse_conv import conv_as_linear, linear_weight, masked_depthwise_conv
-from .utils import gelu_linear
+from .utils import gelu_linear, is_traced
 
 
 class PatchEmbed(nn.Module):
@@ -50,7 +50,8 @@ class ConvBlock(nn.Module):
     right before the depthwise conv (masked convolution), so visible positions never see masked content.
     ``norm_eps``: eps of both LayerNorms (1e-5 officially, except the ViTDet-style detector's 1e-6). In
     eval mode without autograd the MLP runs in slabs along dim 1 to bound peak memory on large inputs (not when
-    compiled: the compiler fuses and plans memory itself, and the slab count would depend on the input size).
+    compiled or traced: the compiler fuses and plans memory itself, and the slab count would depend on the input
+    size).
     """
 
     mlp_slab_numel = 1 << 23  # hidden elements per slab in :meth:`_mlp_inference` (32 MiB float32)
@@ -69,7 +70,7 @@ class ConvBlock(nn.Module):
     def forward(self, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:
         y = masked_depthwise_conv(self.attn, conv_as_linear(self.conv1, self.norm1(x)), mask)
         x = x + self.drop_path(conv_as_linear(self.conv2, y))
-        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or self.training or torch.compiler.is_compiling() or is_traced(x):
             return x + self.drop_path(self.mlp(self.norm2(x)))
         return self._mlp_inference(x)
 

@@ -1,7 +1,7 @@
 """ConvViT: the ConvMAE encoder, one definition shared by the ``ConvMAE`` backbone and the pretrainer."""
 import math
 import re
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,11 @@ from .arch import resolve_arch
 from .attention import RelativePositionBias, TransformerBlock
 from .conv_blocks import ConvBlock, PatchEmbed
 from .masking import BlockMask
-from .utils import resize_pos_embed
+from .utils import is_traced, resize_pos_embed
 from .weights import MIN_LOADED, load_pretrained, resize_on_load, split_init_cfg
+
+# a leaf of torch.fx graphs: it compares the (symbolic) token grid with the embedding's
+torch.fx.wrap('resize_pos_embed')
 
 
 #: Relative position bias of stage 3 (``rel_pos_bias`` of :class:`ConvViT`).
@@ -289,9 +292,19 @@ class ConvViT(BaseModule):
 
         Stage 3 is returned after its last block, without the pretraining ``norm``.
         """
-        s1, s2, s3, hw = self.encode(x.permute(0, 2, 3, 1))
-        s3 = s3.reshape(x.shape[0], hw[0], hw[1], -1)
+        s1, s2, s3 = self.forward_stages(x)
         return s1.permute(0, 3, 1, 2), s2.permute(0, 3, 1, 2), s3.permute(0, 3, 1, 2)
+
+    def forward_stages(self, x: Tensor, num_stages: int = 3) -> List[Tensor]:
+        """The first ``num_stages`` stages of the unmasked encoder on (B, C, H, W), H and W multiples of
+        ``patch_size`` -> their channels-last maps (B, H/s, W/s, C_i) at s = 4, 8, 16 (later stages do not run)."""
+        maps = [self.conv_stage(1, x.permute(0, 2, 3, 1))]
+        if num_stages > 1:
+            maps.append(self.conv_stage(2, maps[0]))
+        if num_stages > 2:
+            tokens, hw = self.stage3_tokens(maps[1])
+            maps.append(self.transformer_stage(tokens, hw).reshape(x.shape[0], hw[0], hw[1], -1))
+        return maps
 
     def encode(self, x: Tensor, mask: Optional[BlockMask] = None
                ) -> Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]:
@@ -317,10 +330,11 @@ class ConvViT(BaseModule):
         """Zero-pad (B, C, H, W) at the bottom/right to multiples of ``patch_size``.
 
         The padded size is written as ``ceil(H / p) * p`` (not ``H + (-H) % p``), so that for a symbolic H
-        (``torch.export``) it is provably a multiple of every stride; when exporting the pad is always applied."""
+        (``torch.export``) it is provably a multiple of every stride; when exporting or tracing (``torch.fx``) the
+        pad is always applied."""
         p = self.patch_size
         h, w = x.shape[2], x.shape[3]
         hp, wp = (h + p - 1) // p * p, (w + p - 1) // p * p
-        if torch.compiler.is_exporting() or hp != h or wp != w:
+        if torch.compiler.is_exporting() or is_traced(x) or hp != h or wp != w:
             return F.pad(x, (0, wp - w, 0, hp - h))
         return x

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .masking import BlockMask
+from .utils import is_traced
 
 def masked_depthwise_conv(conv: nn.Conv2d, x: Tensor, mask: Optional[BlockMask] = None) -> Tensor:
     """The depthwise convolution of a stage-1/2 block on channels-last features, masked.
@@ -22,7 +23,7 @@ def masked_depthwise_conv(conv: nn.Conv2d, x: Tensor, mask: Optional[BlockMask] 
     back (:class:`SparseDepthwiseConv`, with its own backward). Both give the same values at visible positions,
     which never see masked content.
     """
-    if x.dim() == 5:
+    if not is_traced(x) and x.dim() == 5:  # torch.fx traces the dense encoder only
         if mask is None:
             raise ValueError('sparse (B, Lv, S, S, C) features need their BlockMask')
         return SparseDepthwiseConv.apply(x, conv.weight, conv.bias, mask)
@@ -94,10 +95,7 @@ def _depthwise_weight_grad(windows: Tensor, grad: Tensor) -> Tensor:
 
 def split_blocks(x: Tensor, size: int) -> Tensor:
     """(..., Sh, Sw, C) -> (..., Sh/size, Sw/size, size, size, C): non-overlapping size x size patches."""
-    *lead, s_h, s_w, c = x.shape
-    x = x.reshape(*lead, s_h // size, size, s_w // size, size, c)
-    n = len(lead)
-    return x.permute(*range(n), n, n + 2, n + 1, n + 3, n + 4)
+    return x.unflatten(-2, (-1, size)).unflatten(-4, (-1, size)).transpose(-4, -3)  # any rank (torch.fx too)
 
 
 def conv_as_linear(conv: nn.Conv2d, x: Tensor) -> Tensor:

@@ -1,5 +1,6 @@
 """Position embeddings, (un)patchify and the MLPs' GELU -> Linear, shared by the encoder, the pretrainer and the
 tools."""
+import math
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -8,6 +9,13 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 from torch.compiler import is_exporting
+
+
+def is_traced(x: object) -> bool:
+    """Whether ``x`` is a ``torch.fx`` proxy (symbolic tracing: torchvision's ``create_feature_extractor``, timm's
+    FX features). Its shapes are then symbolic, so size-dependent shortcuts are not taken (as when exporting) and
+    only the dense, unmasked encoder is traced."""
+    return isinstance(x, torch.fx.Proxy)
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
@@ -35,6 +43,17 @@ def _sincos_cached(embed_dim: int, grid_hw: Tuple[int, int]) -> Tensor:
         return torch.cat([out.sin(), out.cos()], dim=1)
 
     return torch.cat([encode(cols), encode(rows)], dim=1).unsqueeze(0)
+
+
+def pos_embed_layout(tokens: int, key: str = 'pos_embed') -> Tuple[int, int]:
+    """(side, class rows) of a stored position embedding of ``tokens`` rows: a square side x side grid, preceded
+    by one class-token row when ``tokens`` is side * side + 1 (ConvMAE-v2; ViTDet's ``pretrain_use_cls_token``
+    layout, whose row 0 belongs to the class token). Raises ``ValueError`` naming ``key`` otherwise."""
+    for prefix in (0, 1):
+        side = math.isqrt(max(tokens - prefix, 0))
+        if side > 0 and side * side == tokens - prefix:
+            return side, prefix
+    raise ValueError(f'{key} has {tokens} tokens, not a square grid (nor one after a class-token row)')
 
 
 def resize_pos_embed(pos_embed: Tensor, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Tensor:
@@ -79,8 +98,9 @@ def gelu_linear(h: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     """``F.linear(F.gelu(h), weight, bias)`` (exact GELU), the second half of every MLP of the encoder and the
     decoder. Under autograd only ``h`` is kept for the backward and the GELU is recomputed there
     (:class:`GeluLinear`): the MLPs then hold one hidden-size activation instead of two. Same values and
-    gradients (the same operations); without autograd or when exporting, the plain expression."""
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and not is_exporting():
+    gradients (the same operations); without autograd, when exporting or tracing, the plain expression."""
+    if (torch.is_grad_enabled() and not is_exporting() and not is_traced(h)
+            and (h.requires_grad or weight.requires_grad)):
         return GeluLinear.apply(h, weight, bias)
     return F.linear(F.gelu(h), weight, bias)
 

@@ -10,7 +10,8 @@ and relative-position tables to the model's sizes (BEiT tables bicubically over 
 ``load_state_dict`` pre-hook of the encoder (:func:`resize_on_load`), so that every way of loading weights into
 it (``init_cfg``, mmengine's ``load_from``, a plain ``load_state_dict``) resizes; ``relative_position_index``
 buffers of official checkpoints are dropped (recomputed by the model); any other shape mismatch is an error
-naming the key.
+naming the key. ConvMAE-v2 checkpoints load too: their ``cls_token`` is skipped and the class-token row of their
+``pos_embed`` dropped (:data:`CLASS_TOKEN`).
 """
 import logging
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, checkpoint_weights, load_checkpoint
 from .attention import resize_relative_position_table
-from .utils import resize_pos_embed
+from .utils import pos_embed_layout, resize_pos_embed
 
 # Wrappers put around the encoder's own names by detectors, segmentors, DDP and EMA.
 STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
@@ -32,6 +33,10 @@ STRIP_PREFIXES = ('module.', 'backbone.', 'encoder.', 'model.')
 ENCODER_PREFIXES = ('backbone.bottom_up.', 'backbone.net.', 'backbone.')
 # Buffers of official checkpoints that the model recomputes.
 RECOMPUTED_BUFFERS = ('relative_position_index',)
+#: The class token of ConvMAE-v2 checkpoints (Alpha-VL/ConvMAE#19), which no downstream model uses: skipped with
+#: one log line, and the class-token row of their ``pos_embed`` dropped (:func:`resize_tensor`), as ViTDet does
+#: with ``pretrain_use_cls_token``.
+CLASS_TOKEN = 'cls_token'
 #: What a pretraining checkpoint holds on top of the encoder, defined once. ``PRETRAINING_DECODER``: the final norm
 #: and the MAE decoder, in every pretraining checkpoint. ``PRETRAINING_OPTIONAL``: the multi-scale fusion (absent
 #: with ``multiscale_fusion=False``) and the feature-mimicking heads (present with ``mimic``).
@@ -92,11 +97,16 @@ def extract_state_dict(ckpt: Any, prefix: Optional[str] = None, source: str = 'c
 
 
 # ----------------------------------------------------------------------------------------- resizing
-def _square_grid(n: int, key: str) -> Tuple[int, int]:
-    side = int(round(n ** 0.5))
-    if side * side != n:
-        raise CheckpointError(f'cannot infer the grid of {key} with {n} tokens')
-    return side, side
+def _pos_embed_grid(value: Tensor, key: str) -> Tuple[Tensor, Tuple[int, int]]:
+    """A stored (1, N, C) position embedding without its class-token row, if it has one (ConvMAE-v2:
+    N = side * side + 1, :func:`.utils.pos_embed_layout`), and its square grid."""
+    try:
+        side, prefix = pos_embed_layout(value.shape[1], key)
+    except ValueError as exc:
+        raise CheckpointError(f"{exc}: cannot resize it to the model's grid") from None
+    if prefix:
+        print_log(f'dropped the class-token row of {key} (ConvMAE-v2 layout)', logger='current')
+    return value[:, prefix:], (side, side)
 
 
 def _at_least_float32(value: Tensor) -> Tensor:
@@ -124,7 +134,9 @@ def resize_tensor(model: nn.Module, key: str, value: Tensor, target: torch.Size)
     if value.shape == target:
         return value
     if key.endswith('pos_embed'):
-        src, dst = _square_grid(value.shape[1], key), model.pos_grid
+        (value, src), dst = _pos_embed_grid(value, key), model.pos_grid
+        if src == dst:
+            return value
         print_log(f'resized {key} from grid {src} to {dst}', logger='current')
         return resize_pos_embed(_at_least_float32(value), src, dst).to(value.dtype)
     if key.endswith(('rel_pos_h', 'rel_pos_w')):
@@ -229,7 +241,8 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
                                   f'{tuple(own[k].shape)} (a different architecture?)')
     extra = [k for k in state if k not in own]
     ignored = [k for k in extra if is_pretraining_only(k)]
-    unexpected = [k for k in extra if k not in ignored]
+    class_token = [k for k in extra if k == CLASS_TOKEN]
+    unexpected = [k for k in extra if k not in ignored and k not in class_token]
     to_load = OrderedDict((k, v) for k, v in state.items() if k in own)
     encoder = [k for k in own if model.stage_of(k) is not None]
     check_filled(encoder, to_load, min_loaded, f'checkpoint {checkpoint!r}', 'the encoder',
@@ -243,7 +256,10 @@ def load_pretrained(model: nn.Module, checkpoint: str, prefix: Optional[str] = N
     if recomputed:
         print_log(f'dropped {len(recomputed)} relative_position_index buffers (recomputed)', logger='current')
     if ignored:
-        print_log(f'ignored {len(ignored)} pretraining-only keys (decoder, fusion, final norm, mimic heads)', logger='current')
+        print_log(f'ignored {len(ignored)} pretraining-only keys (decoder, fusion, final norm, mimic heads)',
+                  logger='current')
+    if class_token:
+        print_log(f'ignored {CLASS_TOKEN} (ConvMAE-v2): the model uses the patch tokens only', logger='current')
     if unexpected:
         print_log(f'unexpected keys in {checkpoint}: {unexpected}', logger='current', level=logging.WARNING)
     if missing:
