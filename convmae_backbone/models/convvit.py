@@ -298,25 +298,27 @@ class ConvViT(BaseModule):
     def forward_stages(self, x: Tensor, num_stages: int = 3) -> List[Tensor]:
         """The first ``num_stages`` stages of the unmasked encoder on (B, C, H, W), H and W multiples of
         ``patch_size`` -> their channels-last maps (B, H/s, W/s, C_i) at s = 4, 8, 16 (later stages do not run)."""
-        maps = [self.conv_stage(1, x.permute(0, 2, 3, 1))]
-        if num_stages > 1:
-            maps.append(self.conv_stage(2, maps[0]))
-        if num_stages > 2:
-            tokens, hw = self.stage3_tokens(maps[1])
-            maps.append(self.transformer_stage(tokens, hw).reshape(x.shape[0], hw[0], hw[1], -1))
-        return maps
+        s1, s2, s3, grid = self.encode(x.permute(0, 2, 3, 1), num_stages=num_stages)
+        if s3 is not None:
+            s3 = s3.reshape(x.shape[0], grid[0], grid[1], -1)
+        return [s1, s2, s3][:num_stages]
 
-    def encode(self, x: Tensor, mask: Optional[BlockMask] = None
-               ) -> Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]:
-        """The encoder's stages in order, on channels-last input -> (s1, s2, s3, grid): stage-1/2 features, stage-3
-        tokens after the last block (no pretraining ``norm``) and the token grid (h, w).
+    def encode(self, x: Tensor, mask: Optional[BlockMask] = None, num_stages: int = 3
+               ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tuple[int, int]]]:
+        """The encoder's stages in order (the one place that states it), on channels-last input -> (s1, s2, s3,
+        grid): stage-1/2 features, stage-3 tokens after the last block (no pretraining ``norm``) and the token grid
+        (h, w). Stages after ``num_stages`` do not run and are returned as None (grid too, before stage 3).
 
         Without a mask: x (B, H, W, C) -> s1 (B, H/4, W/4, C1), s2 (B, H/8, W/8, C2), s3 (B, h*w, C3). With a
         mask (pretraining): x dense (B, H, W, C) (masked convolution) or the visible blocks (B, Lv, P, P, C)
         (sparse), s1 and s2 in the same layout as x, s3 the visible tokens (B, Lv, C3).
         """
         s1 = self.conv_stage(1, x, mask)
+        if num_stages < 2:
+            return s1, None, None, None
         s2 = self.conv_stage(2, s1, mask)
+        if num_stages < 3:
+            return s1, s2, None, None
         tokens, hw = self.stage3_tokens(s2, mask)
         return s1, s2, self.transformer_stage(tokens, hw if mask is None else None), hw
 
