@@ -21,7 +21,7 @@ import re
 import tempfile
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
 
@@ -354,7 +354,8 @@ def _type_name(obj: Any) -> str:
 
 def plain_data(obj: Any, source: str) -> Any:
     """``obj`` (an unpickled checkpoint) with every stand-in replaced by its value, checked to be plain data: a
-    tree, at most :data:`MAX_DEPTH` deep, of dict / ``OrderedDict`` (str, bytes, int, float, bool or None keys) /
+    tree, at most :data:`MAX_DEPTH` deep, of dict / ``OrderedDict`` / ``Counter`` (str, bytes, int, float, bool or
+    None keys) /
     list / tuple / str / bytes / int / float / bool / None, tensors (and torch's sizes, dtypes, devices), numpy
     arrays and scalars of :data:`PLAIN_DTYPES`, mmengine ``HistoryBuffer`` and ``argparse.Namespace``. Shared
     parts are walked once. Raises :class:`CheckpointError` naming ``source`` and the path of the first other
@@ -395,7 +396,7 @@ def plain_data(obj: Any, source: str) -> Any:
             if getattr(o, '__dict__', None):
                 walk(dict(vars(o)), f'{path}.<attributes>', depth + 1)
             result = o
-        elif t in (dict, OrderedDict):
+        elif t in (dict, OrderedDict, Counter):  # Counter: mmengine's MultiStepParamScheduler milestones
             for k in list(o):
                 if type(k) not in _LEAVES:
                     refuse(path, f'a key that is {_type_name(k)} is not allowed')
